@@ -1,0 +1,178 @@
+"""The backend registry.
+
+A backend is a named set of op implementations with the same names and keyword signatures as the
+reference ops in :mod:`gptevo.ops`. ``model.py`` calls ops only through a backend, so adding a
+backend never touches model code.
+
+Built-in backends are listed in :data:`BUILTIN` (name -> module to probe, import path, priority).
+Availability is checked without importing heavy modules (``importlib.util.find_spec``) plus a cheap
+probe in the backend's own module. Third-party backends register through the entry-point group
+``gptevo.backends``: the entry point loads an object (usually a module) with a ``OPS`` mapping of op
+name to callable and an optional ``probe()`` returning ``None`` when usable or a reason string.
+
+Selection (:func:`resolve`): the explicit name, then the ``GPTEVO_BACKEND`` environment variable,
+then the best available backend by priority. Asking for an unavailable backend is an error that
+says why; there is never a silent fallback.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping
+
+from gptevo.errors import BackendError
+
+ENTRY_POINT_GROUP = "gptevo.backends"
+ENV_VAR = "GPTEVO_BACKEND"
+
+
+@dataclass(frozen=True)
+class BuiltinBackend:
+    requires: tuple[str, ...]   # top-level modules that must be importable (checked with find_spec)
+    import_path: str            # module holding OPS and probe()
+    priority: int               # higher wins when no backend is named
+
+
+BUILTIN: dict[str, BuiltinBackend] = {
+    "reference": BuiltinBackend((), "gptevo.backends.reference", 0),
+    "numba": BuiltinBackend(("numba",), "gptevo.backends.numba", 10),
+    "cupy": BuiltinBackend(("cupy",), "gptevo.backends.cupy", 20),
+}
+
+
+class Backend:
+    """A loaded backend: ``backend.rms_norm(...)`` calls that backend's implementation."""
+
+    def __init__(self, name: str, ops: Mapping[str, Callable]):
+        self.name = name
+        self.ops = MappingProxyType(dict(ops))
+
+    def __getattr__(self, op_name: str) -> Callable:
+        try:
+            return self.__dict__["ops"][op_name]
+        except KeyError:
+            raise BackendError(f"backend {self.__dict__.get('name')!r} has no op {op_name!r}") from None
+
+    def missing(self, op_names: Iterable[str]) -> list[str]:
+        """The op names from ``op_names`` this backend does not implement, sorted."""
+        return sorted(set(op_names) - set(self.ops))
+
+    def require(self, op_names: Iterable[str], what: str = "this model") -> None:
+        """Raise BackendError listing every op in ``op_names`` this backend lacks."""
+        missing = self.missing(op_names)
+        if missing:
+            raise BackendError(f"backend {self.name!r} cannot run {what}: it lacks the ops {', '.join(missing)}")
+
+    def __repr__(self) -> str:
+        return f"<gptevo backend {self.name!r}: {len(self.ops)} ops>"
+
+
+class Availability(list):
+    """Names of the backends usable here, best first; ``.unavailable`` maps the others to the reason."""
+
+    def __init__(self, usable: list[str], unavailable: dict[str, str]):
+        super().__init__(usable)
+        self.unavailable = unavailable
+
+    def __repr__(self) -> str:
+        why = "; ".join(f"{k}: {v}" for k, v in self.unavailable.items())
+        return f"{list(self)!r} (unavailable: {why or 'none'})"
+
+
+def _entry_points() -> dict[str, object]:
+    try:
+        from importlib.metadata import entry_points
+    except ImportError:  # pragma: no cover
+        return {}
+    try:
+        eps = entry_points(group=ENTRY_POINT_GROUP)
+    except TypeError:  # Python < 3.10 API
+        eps = entry_points().get(ENTRY_POINT_GROUP, [])
+    return {ep.name: ep for ep in eps if ep.name not in BUILTIN}
+
+
+def _why_unavailable(name: str) -> str | None:
+    """None when backend ``name`` is usable here, else the reason in words."""
+    if name in BUILTIN:
+        spec = BUILTIN[name]
+        for mod in spec.requires:
+            if importlib.util.find_spec(mod) is None:
+                return f"the Python package {mod!r} is not installed (pip install 'gptevo[{name}]')"
+        try:
+            module = importlib.import_module(spec.import_path)
+        except ImportError as exc:
+            return f"{spec.import_path} failed to import: {exc}"
+        probe = getattr(module, "probe", None)
+        return probe() if probe is not None else None
+    eps = _entry_points()
+    if name in eps:
+        try:
+            obj = eps[name].load()
+        except Exception as exc:  # a broken plug-in must not break the registry
+            return f"plug-in entry point {eps[name].value!r} failed to load: {exc!r}"
+        probe = getattr(obj, "probe", None)
+        try:
+            return probe() if probe is not None else None
+        except Exception as exc:
+            return f"plug-in probe raised {exc!r}"
+    return None
+
+
+def known() -> list[str]:
+    """Every backend name gptevo knows of: built-ins, then plug-ins."""
+    return list(BUILTIN) + sorted(_entry_points())
+
+
+def available() -> Availability:
+    """The backends usable here, best first; ``available().unavailable`` gives the others with why."""
+    usable, unavailable = [], {}
+    for name in known():
+        reason = _why_unavailable(name)
+        if reason is None:
+            usable.append(name)
+        else:
+            unavailable[name] = reason
+    usable.sort(key=lambda n: -BUILTIN[n].priority if n in BUILTIN else 0)
+    return Availability(usable, unavailable)
+
+
+_LOADED: dict[str, Backend] = {}
+
+
+def get(name: str) -> Backend:
+    """Load backend ``name``; BackendError if it is unknown or unavailable here (with the reason)."""
+    if not isinstance(name, str):
+        raise BackendError(f"backend must be a name (str), got {type(name).__name__}")
+    if name in _LOADED:
+        return _LOADED[name]
+    if name not in known():
+        raise BackendError(f"unknown backend {name!r}; known backends: {', '.join(known())}")
+    reason = _why_unavailable(name)
+    if reason is not None:
+        raise BackendError(f"backend {name!r} is not available here: {reason}")
+    if name in BUILTIN:
+        module = importlib.import_module(BUILTIN[name].import_path)
+    else:
+        module = _entry_points()[name].load()
+    ops = getattr(module, "OPS", None)
+    if not isinstance(ops, Mapping):
+        raise BackendError(f"backend {name!r} does not define an OPS mapping")
+    backend = Backend(name, ops)
+    _LOADED[name] = backend
+    return backend
+
+
+def resolve(name: str | Backend | None = None) -> Backend:
+    """The backend to use: ``name``, else $GPTEVO_BACKEND, else the reference.
+
+    The reference is the default (not the fastest available) so that results never depend silently
+    on what happens to be installed; pass ``backend=`` or set GPTEVO_BACKEND to choose another.
+    """
+    if isinstance(name, Backend):
+        return name
+    if name is None:
+        name = os.environ.get(ENV_VAR) or "reference"
+    return get(name)

@@ -1,0 +1,58 @@
+"""The backend registry: listing, selection, clear errors, no silent fallback."""
+import subprocess
+import sys
+
+import pytest
+
+import gptevo
+from gptevo import backends
+
+
+def test_reference_is_available_and_has_every_backend_op():
+    from gptevo.ops import REGISTRY
+
+    avail = backends.available()
+    assert "reference" in avail
+    ref = backends.get("reference")
+    assert ref.missing(n for n, s in REGISTRY.items() if s.backend_op) == []
+
+
+def test_unavailable_backends_come_with_a_reason():
+    avail = backends.available()
+    for name in backends.known():
+        assert (name in avail) != (name in avail.unavailable)
+        if name in avail.unavailable:
+            assert isinstance(avail.unavailable[name], str) and avail.unavailable[name]
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(gptevo.BackendError, match="unknown backend 'nope'"):
+        backends.get("nope")
+
+
+def test_unavailable_backend_is_an_error_not_a_fallback():
+    avail = backends.available()
+    for name, reason in avail.unavailable.items():
+        with pytest.raises(gptevo.BackendError, match="not available"):
+            backends.get(name)
+
+
+def test_missing_ops_are_listed():
+    b = backends.Backend("partial", {"rms_norm": lambda **kw: None})
+    with pytest.raises(gptevo.BackendError, match="attention"):
+        b.require(["rms_norm", "attention", "softmax"])
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("GPTEVO_BACKEND", "reference")
+    assert backends.resolve(None).name == "reference"
+    monkeypatch.setenv("GPTEVO_BACKEND", "nope")
+    with pytest.raises(gptevo.BackendError):
+        backends.resolve(None)
+
+
+def test_import_is_light():
+    code = ("import sys, gptevo, gptevo.ops; "
+            "bad = [m for m in ('torch', 'numba', 'cupy', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
