@@ -1,0 +1,128 @@
+"""A preallocated key/value cache for one generation (llama2.c's RunState ``key_cache``/``value_cache``).
+
+Full-attention layers hold ``max_tokens`` slots ``[max_tokens, G, Dh]``; the key of position ``p`` lives
+in slot ``p``. Sliding-window layers (window ``W``) hold only ``min(W, max_tokens)`` slots used as a ring
+buffer: position ``p`` lives in slot ``p % W``. Each layer keeps a ``positions`` array with the position
+stored in each slot (-1 = empty), which is what the attention op's mask reads, so keys never need to be in
+slot order.
+
+Protocol per forward chunk of ``T`` new tokens at positions ``length .. length+T-1``, for each layer::
+
+    k_all, v_all, k_pos = cache.view(layer, k_new, v_new, positions)   # cached keys + the new ones
+    out = attention(q, k_all, v_all, q_positions=positions, k_positions=k_pos, window=W)
+    cache.commit(layer, k_new, v_new, positions)                        # store (ring-wrapping)
+
+``view`` returns the new keys together with every cached key, so a chunk longer than ``W`` still sees
+the keys it needs from its own chunk; ``commit`` then keeps only the last ``W`` positions on sliding
+layers. ``length`` (tokens seen) advances once every layer has committed the chunk. A forward that
+fails half-way marks the cache ``broken`` (its layers disagree); it refuses further use until ``reset()``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gptevo.errors import RequestError
+
+
+class KVCache:
+    """Keys and values of every layer for up to ``max_tokens`` positions.
+
+    config:     the model's ModelConfig (num_layers, num_kv_heads, head_dim, window_for_layer).
+    max_tokens: the most positions this generation may hold (prompt + new tokens).
+    dtype:      storage dtype of keys and values (the compute dtype; float32 by default).
+    """
+
+    def __init__(self, config, max_tokens: int, dtype=np.float32):
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
+            raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        self.max_tokens = int(max_tokens)
+        self.dtype = np.dtype(dtype)
+        G, Dh = config.num_kv_heads, config.head_dim
+        self.windows: list[int | None] = [config.window_for_layer(i) for i in range(config.num_layers)]
+        self.keys, self.values, self.positions = [], [], []
+        for w in self.windows:
+            slots = self.max_tokens if w is None else min(w, self.max_tokens)
+            self.keys.append(np.zeros((slots, G, Dh), self.dtype))      # [slots, G, Dh]
+            self.values.append(np.zeros((slots, G, Dh), self.dtype))    # [slots, G, Dh]
+            self.positions.append(np.full(slots, -1, np.int64))         # [slots]
+        self._lengths = [0] * config.num_layers
+        self.broken: str | None = None   # set when a forward failed half-way (layers disagree)
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.windows)
+
+    @property
+    def length(self) -> int:
+        """Tokens seen: positions committed by every layer."""
+        return min(self._lengths) if self._lengths else 0
+
+    def remaining(self) -> int:
+        return self.max_tokens - self.length
+
+    def reset(self) -> None:
+        """Forget every token (the buffers stay allocated)."""
+        for pos in self.positions:
+            pos[:] = -1
+        self._lengths = [0] * self.num_layers
+        self.broken = None
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+    # -- checks ----------------------------------------------------------------------------------
+    def _check(self, layer: int, new_k, new_v, new_positions) -> np.ndarray:
+        if self.broken is not None:
+            raise RequestError(f"this KV cache was left incomplete by a failed forward ({self.broken}); "
+                               f"call cache.reset() or make a new cache")
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+            raise RequestError(f"layer must be an integer in [0, {self.num_layers}), got {layer!r}")
+        pos = np.asarray(new_positions)
+        if pos.ndim != 1 or pos.size == 0 or not np.issubdtype(pos.dtype, np.integer):
+            raise RequestError(f"new_positions must be a non-empty 1-D integer array, got shape {pos.shape} "
+                               f"dtype {pos.dtype}")
+        T = pos.shape[0]
+        expected = self.keys[layer].shape[1:]
+        for what, a in (("new_k", new_k), ("new_v", new_v)):
+            if tuple(a.shape) != (T, *expected):
+                raise RequestError(f"{what} has shape {list(a.shape)}, expected {[T, *expected]}")
+        start = self._lengths[layer]
+        if pos[0] != start or np.any(np.diff(pos) != 1):
+            raise RequestError(f"layer {layer}: new positions must continue the cache at {start} "
+                               f"one by one, got {pos[0]}..{pos[-1]}")
+        if start + T > self.max_tokens:
+            raise RequestError(f"KV cache overflow: {start} cached + {T} new tokens = {start + T} positions, "
+                               f"but the cache holds max_tokens={self.max_tokens}")
+        return pos.astype(np.int64, copy=False)
+
+    # -- the protocol ----------------------------------------------------------------------------
+    def view(self, layer: int, new_k, new_v, new_positions):
+        """The keys, values and positions a chunk attends to: the cached ones plus the new ones.
+
+        Returns ``(k_all [S, G, Dh], v_all [S, G, Dh], k_positions [S] int64)``. On full layers the new
+        keys are staged into their slots and the result is a view of the buffer (no copy); they count as
+        cached only after :meth:`commit`. On sliding layers the result is a fresh array: the valid ring
+        slots followed by the new keys.
+        """
+        pos = self._check(layer, new_k, new_v, new_positions)
+        K, V, P = self.keys[layer], self.values[layer], self.positions[layer]
+        if self.windows[layer] is None:
+            a, b = int(pos[0]), int(pos[-1]) + 1
+            K[a:b], V[a:b] = new_k, new_v
+            return K[:b], V[:b], np.arange(b, dtype=np.int64)
+        valid = np.flatnonzero(P >= 0)
+        order = valid[np.argsort(P[valid])]                              # oldest first
+        k_all = np.concatenate([K[order], np.asarray(new_k, self.dtype)], axis=0)   # [S, G, Dh]
+        v_all = np.concatenate([V[order], np.asarray(new_v, self.dtype)], axis=0)   # [S, G, Dh]
+        return k_all, v_all, np.concatenate([P[order], pos])
+
+    def commit(self, layer: int, new_k, new_v, new_positions) -> None:
+        """Store the chunk's keys and values; sliding layers keep only the last W positions."""
+        pos = self._check(layer, new_k, new_v, new_positions)
+        K, V, P = self.keys[layer], self.values[layer], self.positions[layer]
+        slots = K.shape[0]
+        keep = slice(max(0, pos.shape[0] - slots), pos.shape[0])        # only the last `slots` survive
+        idx = pos[keep] % slots                                          # ring slots (== pos on full layers)
+        K[idx], V[idx], P[idx] = new_k[keep], new_v[keep], pos[keep]
+        self._lengths[layer] = int(pos[-1]) + 1

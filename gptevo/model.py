@@ -1,0 +1,355 @@
+"""The transformer forward pass, written only as calls to backend ops (one forward for every family).
+
+    x = embed(ids) * embedding_scale (+ learned / sinusoidal positions)
+    for each layer i:
+        x = x + o_proj(attention(rope(qk_norm(q)), rope(qk_norm(k)), v; window(i), sinks))  (norm first)
+        x = x + mlp(norm(x))            dense GELU (GPT-2) | gated (SwiGLU, GeGLU) | MoE (router + experts)
+    logits = lm_head(final_norm(x))
+
+Every architectural difference is a ModelConfig flag (norm, position, qk_norm, attention_sinks,
+window_for_layer(i), mlp / is_moe_layer(i), router_order, norm_topk_prob, expert_activation,
+embedding_scale, rope_scaling, rotary_dim, ...); the model never branches on the family name. Tensor
+names live in :mod:`gptevo.layouts`, stored weights in :mod:`gptevo.weights`, the KV cache in
+:mod:`gptevo.kv_cache`. Ops are called as ``self.backend.<op>(...)`` with keyword arguments only, so any
+backend with the same op names runs the model. Activations are float32 (float64 on request); weights
+stay in their stored dtype (bf16, MXFP4) and are widened by the ops.
+
+Equations: seed document sections on GPT-2, RoPE, RMSNorm, GQA, SwiGLU, MoE and sliding windows; the
+per-family facts (HF families fact sheet, gpt-oss fact sheet).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import numpy as np
+
+from gptevo import backends as _backends
+from gptevo.config import ModelConfig
+from gptevo.errors import ConfigError, RequestError
+from gptevo.kv_cache import KVCache
+from gptevo.layouts import build_layout, is_moe_layer
+from gptevo.weights import LayerWeights, ModelWeights, load_weights
+
+COMPUTE_DTYPES = ("float32", "float64")
+
+
+# -- what a config needs ---------------------------------------------------------------------------
+def mlp_kind(config: ModelConfig, layer: int) -> str:
+    """The MLP of ``layer``: "moe", "gelu" (GPT-2 fc/proj) or "gated" (SwiGLU / GeGLU gate, up, down)."""
+    if is_moe_layer(config, layer):
+        return "moe"
+    if config.mlp == "gelu":
+        return "gelu"
+    if config.mlp == "clamped_swiglu":
+        raise ConfigError("mlp 'clamped_swiglu' is supported only for experts (mlp='moe' with "
+                          "expert_activation='clamped_swiglu'); no dense layout stores it")
+    return "gated"
+
+
+def gelu_approximate(config: ModelConfig) -> str:
+    return "tanh" if config.activation in ("gelu_tanh", "gelu_new", "gelu_pytorch_tanh") else "none"
+
+
+def ops_needed(config: ModelConfig) -> set[str]:
+    """The backend ops a forward pass of ``config`` calls (checked at load time)."""
+    ops = {"embedding", "linear", "attention", "layer_norm" if config.norm == "layernorm" else "rms_norm"}
+    ops |= {"rope": {"rope_cos_sin", "apply_rope"}, "learned": {"learned_positions"},
+            "sinusoidal": {"sinusoidal_positions"}, "alibi": {"alibi_slopes"}}.get(config.position, set())
+    if config.qk_norm:
+        ops.add("rms_norm" if config.norm != "layernorm" else "layer_norm")
+    for i in range(config.num_layers):
+        kind = mlp_kind(config, i)
+        if kind == "moe":
+            ops |= {"moe_route", "moe_experts"}
+        elif kind == "gelu":
+            ops.add("gelu_mlp")
+        elif config.activation == "silu":
+            ops.add("swiglu_mlp")
+        else:
+            ops.add("gelu")
+    return ops
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The activation dtype: float32 or float64 (RequestError otherwise)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in COMPUTE_DTYPES:
+        raise RequestError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    return dt
+
+
+def _host(a) -> np.ndarray:
+    """An op result as a NumPy array (device arrays expose ``.get()``)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "get"):
+        return a.get()
+    return np.asarray(a)
+
+
+# -- the model -------------------------------------------------------------------------------------
+class Model:
+    """A loaded model: ``logits(ids)``, ``forward(ids, cache)``, ``new_cache(n)`` and ``trace(ids)``.
+
+    config:         the ModelConfig.
+    weights:        ModelWeights in stored dtypes.
+    backend:        the Backend whose ops run the forward pass.
+    path:           the directory it was loaded from (None when built in memory).
+    unused_tensors: checkpoint tensors no role uses (sorted names), e.g. GPT-2 ``attn.bias`` buffers.
+    dtype:          the activation (compute) dtype, "float32" (default) or "float64".
+    """
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, backend=None, path=None,
+                 unused_tensors=(), dtype="float32", checkpoint=None):
+        self.config = config
+        self.weights = weights
+        self.backend = _backends.resolve(backend)
+        self.backend.require(ops_needed(config), what=f"a {config.family} model")
+        self.path = None if path is None else os.fspath(path)
+        self.unused_tensors = sorted(unused_tensors)
+        self.dtype = compute_dtype(dtype)
+        self.checkpoint = checkpoint            # keeps memory-mapped files open
+        if config.position == "rope":
+            # fail at load time, not at the first call, on a bad rope config
+            self._rope_frequencies(config.max_position_embeddings)
+
+    @classmethod
+    def from_checkpoint(cls, config: ModelConfig, checkpoint, backend=None, path=None, dtype="float32") -> "Model":
+        """Build from a config and an open checkpoint (anything with names/info/get)."""
+        backend = _backends.resolve(backend)
+        backend.require(ops_needed(config), what=f"a {config.family} model")
+        layout = build_layout(config, checkpoint.names())
+        weights = load_weights(checkpoint, layout)
+        unused = set(checkpoint.names()) - layout.used_names()
+        return cls(config, weights, backend, path=path, unused_tensors=unused, dtype=dtype, checkpoint=checkpoint)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"<gptevo Model {c.family}: {c.num_layers} layers, D={c.hidden_size}, V={c.vocab_size}, "
+                f"backend={self.backend.name!r}>")
+
+    # -- public API ------------------------------------------------------------------------------
+    def logits(self, token_ids) -> np.ndarray:
+        """float32 logits ``[T, vocab]`` for the whole sequence, positions 0..T-1 (no cache)."""
+        ids = self._check_ids(token_ids, start=0)
+        return self._run(ids, cache=None, record=None).astype(np.float32, copy=False)
+
+    def new_cache(self, max_tokens: int) -> KVCache:
+        """A KV cache for one generation of at most ``max_tokens`` positions (prompt included)."""
+        if isinstance(max_tokens, (int, np.integer)) and not isinstance(max_tokens, bool) \
+                and max_tokens > self.config.max_position_embeddings:
+            raise RequestError(f"max_tokens={max_tokens} exceeds the model's max_position_embeddings="
+                               f"{self.config.max_position_embeddings}")
+        return KVCache(self.config, max_tokens, dtype=self.dtype)
+
+    def forward(self, token_ids, cache: KVCache) -> np.ndarray:
+        """float32 logits ``[T, vocab]`` of new tokens at positions ``cache.length ..``; extends ``cache``."""
+        if not isinstance(cache, KVCache):
+            raise RequestError(f"cache must be a KVCache from model.new_cache(), got {type(cache).__name__}")
+        if cache.num_layers != self.config.num_layers:
+            raise RequestError(f"cache has {cache.num_layers} layers, the model has {self.config.num_layers}")
+        ids = self._check_ids(token_ids, start=cache.length)
+        if cache.length + ids.shape[0] > cache.max_tokens:
+            raise RequestError(f"KV cache overflow: {cache.length} cached + {ids.shape[0]} new tokens = "
+                               f"{cache.length + ids.shape[0]} positions, but the cache holds "
+                               f"max_tokens={cache.max_tokens}")
+        before = cache.length
+        try:
+            return self._run(ids, cache=cache, record=None).astype(np.float32, copy=False)
+        except BaseException as exc:
+            if any(n != before for n in cache._lengths):
+                cache.broken = f"{type(exc).__name__} at position {before}"
+            raise
+
+    def trace(self, token_ids) -> dict[str, np.ndarray]:
+        """Named intermediates of a full-sequence forward, in order of computation.
+
+        Names: ``embed``; per layer i ``layer{i}.attn_norm``, ``.q``, ``.k``, ``.v`` (projections,
+        after q/k-norm), ``.q_rope``, ``.k_rope`` (RoPE models), ``.attn`` (attention output
+        [T,H,Dh]), ``.attn_out`` (after the output projection), ``.resid_attn``, ``.mlp_norm``,
+        ``.router_logits`` (MoE layers), ``.mlp_out``, ``.out``; then ``final_norm`` and ``logits``.
+        """
+        ids = self._check_ids(token_ids, start=0)
+        out: dict[str, np.ndarray] = {}
+
+        def record(name, value):
+            out[name] = np.array(_host(value), copy=True)
+
+        self._run(ids, cache=None, record=record)
+        return out
+
+    # -- input checks ----------------------------------------------------------------------------
+    def _check_ids(self, token_ids, start: int) -> np.ndarray:
+        """token_ids as int64 [T]; RequestError for empty, non-integer, out-of-range or too long input."""
+        V, P = self.config.vocab_size, self.config.max_position_embeddings
+        if isinstance(token_ids, np.ndarray):
+            if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu":
+                raise RequestError(f"token ids must be a 1-D integer array, got shape {list(token_ids.shape)} "
+                                   f"dtype {token_ids.dtype}")
+            ids = token_ids.astype(np.int64)
+        elif isinstance(token_ids, (list, tuple)):
+            for t, v in enumerate(token_ids):
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                    raise RequestError(f"token ids must be integers; item {t} is {v!r} ({type(v).__name__})")
+            try:
+                ids = np.array([int(v) for v in token_ids], dtype=np.int64)
+            except OverflowError:
+                raise RequestError(f"token ids must be in [0, {V}); got an integer beyond int64") from None
+        else:
+            raise RequestError(f"token ids must be a list of ints or a 1-D integer array, "
+                               f"got {type(token_ids).__name__}")
+        if ids.size == 0:
+            raise RequestError("token ids are empty; need at least one token")
+        bad = np.flatnonzero((ids < 0) | (ids >= V))
+        if bad.size:
+            raise RequestError(f"token id {int(ids[bad[0]])} at index {int(bad[0])} is out of range; "
+                               f"ids must be in [0, {V}) (vocab_size={V})")
+        if start + ids.size > P:
+            raise RequestError(f"sequence of {start + ids.size} positions ({start} cached + {ids.size} new) "
+                               f"exceeds max_position_embeddings={P}")
+        return ids
+
+    # -- the forward pass ------------------------------------------------------------------------
+    def _run(self, ids: np.ndarray, cache: KVCache | None, record: Callable | None) -> np.ndarray:
+        c, w, B = self.config, self.weights, self.backend
+        rec = record or (lambda name, value: None)
+        start = cache.length if cache is not None else 0
+        pos = np.arange(start, start + ids.shape[0], dtype=np.int64)                # [T]
+
+        x = B.embedding(table=w.embed, ids=ids).astype(self.dtype, copy=False)      # [T,D]
+        if c.embedding_scale != 1.0:
+            x = x * self.dtype.type(c.embedding_scale)                               # [T,D] Gemma sqrt(D)
+        if c.position == "learned":
+            x = x + B.learned_positions(table=w.pos_embed, positions=pos)            # [T,D]
+        elif c.position == "sinusoidal":
+            x = x + B.sinusoidal_positions(positions=pos, dim=c.hidden_size, dtype=self.dtype.name)
+        rec("embed", x)
+
+        rope = None
+        if c.position == "rope":
+            inv_freq, factor = self._rope_frequencies(int(pos[-1]) + 1)
+            rope = B.rope_cos_sin(positions=pos, inv_freq=inv_freq, attention_factor=factor)  # ([T,R/2],)*2
+        slopes = B.alibi_slopes(num_heads=c.num_heads) if c.position == "alibi" else None    # [H]
+
+        for i, layer in enumerate(w.layers):
+            x = self._block(i, layer, x, pos, rope, slopes, cache, rec)               # [T,D]
+
+        x = self._norm(x, w.final_norm, w.final_norm_bias)                            # [T,D]
+        rec("final_norm", x)
+        logits = B.linear(x=x, weight=w.lm_head)                                     # [T,V]
+        rec("logits", logits)
+        return _host(logits)
+
+    def _rope_frequencies(self, seq_len: int):
+        from gptevo.ops.rope import rope_frequencies   # a helper, not a backend op
+
+        c = self.config
+        return rope_frequencies(head_dim=c.head_dim, theta=c.rope_theta, rotary_dim=c.rotary_dim,
+                                scaling=c.scaling or None, seq_len=seq_len)
+
+    def _norm(self, x, weight, bias=None):
+        c, B = self.config, self.backend
+        if c.norm == "layernorm":
+            return B.layer_norm(x=x, weight=weight, bias=bias, eps=c.norm_eps)
+        return B.rms_norm(x=x, weight=weight, eps=c.norm_eps, offset=c.norm_offset)
+
+    def _block(self, i: int, L: LayerWeights, x, pos, rope, slopes, cache, rec):
+        """One transformer block; pre-norm ``x + f(norm(x))`` or post-norm ``norm(x + f(x))``."""
+        pre = self.config.block_order == "pre"
+        h = self._norm(x, L.attn_norm, L.attn_norm_bias) if pre else x                # [T,D]
+        rec(f"layer{i}.attn_norm", h)
+        a = self._attention(i, L, h, pos, rope, slopes, cache, rec)                  # [T,D]
+        rec(f"layer{i}.attn_out", a)
+        x = x + a if pre else self._norm(x + a, L.attn_norm, L.attn_norm_bias)      # [T,D]
+        rec(f"layer{i}.resid_attn", x)
+        h = self._norm(x, L.mlp_norm, L.mlp_norm_bias) if pre else x                 # [T,D]
+        rec(f"layer{i}.mlp_norm", h)
+        m = self._mlp(i, L, h, rec)                                                  # [T,D]
+        rec(f"layer{i}.mlp_out", m)
+        x = x + m if pre else self._norm(x + m, L.mlp_norm, L.mlp_norm_bias)        # [T,D]
+        rec(f"layer{i}.out", x)
+        return x
+
+    def _attention(self, i: int, L: LayerWeights, h, pos, rope, slopes, cache, rec):
+        c, B = self.config, self.backend
+        T, H, G, Dh = h.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        q = B.linear(x=h, weight=L.wq, bias=L.bq).reshape(T, H, Dh)                   # [T,H,Dh]
+        k = B.linear(x=h, weight=L.wk, bias=L.bk).reshape(T, G, Dh)                   # [T,G,Dh]
+        v = B.linear(x=h, weight=L.wv, bias=L.bv).reshape(T, G, Dh)                   # [T,G,Dh]
+        if c.qk_norm:   # Qwen3: RMSNorm over each head's Dh, before RoPE
+            q = self._norm(q, L.q_norm)                                                # [T,H,Dh]
+            k = self._norm(k, L.k_norm)                                                # [T,G,Dh]
+        rec(f"layer{i}.q", q)
+        rec(f"layer{i}.k", k)
+        rec(f"layer{i}.v", v)
+        if rope is not None:
+            cos, sin = rope
+            q = B.apply_rope(x=q, cos=cos, sin=sin, interleaved=c.rope_interleaved)   # [T,H,Dh]
+            k = B.apply_rope(x=k, cos=cos, sin=sin, interleaved=c.rope_interleaved)   # [T,G,Dh]
+            rec(f"layer{i}.q_rope", q)
+            rec(f"layer{i}.k_rope", k)
+        if cache is not None:
+            k_all, v_all, k_pos = cache.view(i, k, v, pos)                            # [S,G,Dh], [S]
+        else:
+            k_all, v_all, k_pos = k, v, pos
+        scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(Dh)
+        if getattr(c, "attn_scale_inverse_layer", False):
+            scale = scale / (i + 1)                                                    # GPT-2 option
+        o = B.attention(q=q, k=k_all, v=v_all, q_positions=pos, k_positions=k_pos,
+                        window=c.window_for_layer(i), sinks=L.sinks, scale=scale,
+                        alibi_slopes=slopes)                                           # [T,H,Dh]
+        if cache is not None:
+            cache.commit(i, k, v, pos)
+        rec(f"layer{i}.attn", o)
+        return B.linear(x=o.reshape(T, H * Dh), weight=L.wo, bias=L.bo)               # [T,D]
+
+    def _mlp(self, i: int, L: LayerWeights, h, rec):
+        c, B = self.config, self.backend
+        kind = mlp_kind(c, i)
+        if kind == "moe":
+            logits = B.linear(x=h, weight=L.router, bias=L.router_bias)               # [T,E]
+            rec(f"layer{i}.router_logits", logits)
+            weights, ids = B.moe_route(logits=logits, k=c.experts_per_token, order=c.router_order,
+                                       renormalize=c.norm_topk_prob)                   # [T,k], [T,k]
+            return B.moe_experts(x=h, weights=weights, ids=ids, w_gate_up=L.experts_gate_up,
+                                 b_gate_up=L.experts_gate_up_bias, w_down=L.experts_down,
+                                 b_down=L.experts_down_bias, activation=c.expert_activation,
+                                 alpha=c.swiglu_alpha, limit=c.swiglu_limit)            # [T,D]
+        if kind == "gelu":
+            return B.gelu_mlp(x=h, w_fc=L.w_fc, b_fc=L.b_fc, w_proj=L.w_proj, b_proj=L.b_proj,
+                              approximate=gelu_approximate(c))                         # [T,D]
+        if c.activation == "silu":
+            return B.swiglu_mlp(x=h, w_gate=L.w_gate, w_up=L.w_up, w_down=L.w_down,
+                                b_gate=L.b_gate, b_up=L.b_up, b_down=L.b_down)         # [T,D]
+        gate = B.linear(x=h, weight=L.w_gate, bias=L.b_gate)                          # [T,I]
+        up = B.linear(x=h, weight=L.w_up, bias=L.b_up)                                # [T,I]
+        act = B.gelu(x=gate, approximate=gelu_approximate(c))                         # [T,I] Gemma GeGLU
+        return B.linear(x=act * up, weight=L.w_down, bias=L.b_down)                   # [T,D]
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def load(path, backend=None, dtype="float32", **options) -> Model:
+    """Load a model directory (HF or original gpt-oss layout) on ``backend`` (see backends.resolve).
+
+    The backend is checked for every op the model needs before any tensor is read; every tensor's
+    shape and dtype is checked against the config from the checkpoint header before data is read.
+    """
+    if options:
+        raise RequestError(f"load() got unknown option(s) {', '.join(sorted(options))}; "
+                           f"known options: backend, dtype")
+    compute_dtype(dtype)
+    from gptevo.checkpoint import Checkpoint
+    from gptevo.config_adapters import load_config
+
+    be = _backends.resolve(backend)
+    config = load_config(path)
+    if not isinstance(config, ModelConfig):
+        raise ConfigError(f"{path}: load_config returned {type(config).__name__}, expected ModelConfig")
+    be.require(ops_needed(config), what=f"the {config.family} model at {os.fspath(path)}")
+    checkpoint = Checkpoint(path)
+    return Model.from_checkpoint(config, checkpoint, backend=be, path=path, dtype=dtype)
