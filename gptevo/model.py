@@ -142,9 +142,9 @@ class Model:
     def new_cache(self, max_tokens: int) -> KVCache:
         """A KV cache for one generation of at most ``max_tokens`` positions (prompt included)."""
         if isinstance(max_tokens, (int, np.integer)) and not isinstance(max_tokens, bool) \
-                and max_tokens > self.config.max_position_embeddings:
-            raise RequestError(f"max_tokens={max_tokens} exceeds the model's max_position_embeddings="
-                               f"{self.config.max_position_embeddings}")
+                and max_tokens > self.config.context_length:
+            raise RequestError(f"max_tokens={max_tokens} exceeds the model's context of "
+                               f"{self.config.context_length} positions")
         return KVCache(self.config, max_tokens, dtype=self.dtype)
 
     def forward(self, token_ids, cache: KVCache) -> np.ndarray:
@@ -186,7 +186,7 @@ class Model:
     # -- input checks ----------------------------------------------------------------------------
     def _check_ids(self, token_ids, start: int) -> np.ndarray:
         """token_ids as int64 [T]; RequestError for empty, non-integer, out-of-range or too long input."""
-        V, P = self.config.vocab_size, self.config.max_position_embeddings
+        V, P = self.config.vocab_size, self.config.context_length
         if isinstance(token_ids, np.ndarray):
             if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu":
                 raise RequestError(f"token ids must be a 1-D integer array, got shape {list(token_ids.shape)} "
@@ -211,7 +211,7 @@ class Model:
                                f"ids must be in [0, {V}) (vocab_size={V})")
         if start + ids.size > P:
             raise RequestError(f"sequence of {start + ids.size} positions ({start} cached + {ids.size} new) "
-                               f"exceeds max_position_embeddings={P}")
+                               f"exceeds the model's context of {P} positions")
         return ids
 
     # -- the forward pass ------------------------------------------------------------------------
