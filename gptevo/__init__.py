@@ -17,6 +17,7 @@ from gptevo.errors import (
     ConfigError,
     FormatError,
     GptevoError,
+    NumericalError,
     RequestError,
 )
 from gptevo import backends
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "RequestError",
     "BackendError",
+    "NumericalError",
     "__version__",
 ]
 

@@ -28,3 +28,7 @@ class RequestError(GptevoError, ValueError):
 
 class BackendError(GptevoError):
     """A backend is unknown, unavailable here, or lacks an op the model needs."""
+
+
+class NumericalError(GptevoError):
+    """A computation produced non-finite values (NaN or inf logits during generation)."""
