@@ -43,6 +43,10 @@ BUILTIN: dict[str, BuiltinBackend] = {
 }
 
 
+class MissingOpError(BackendError, AttributeError):
+    """A backend lacks an op; also an AttributeError so ``hasattr(backend, op)`` works."""
+
+
 class Backend:
     """A loaded backend: ``backend.rms_norm(...)`` calls that backend's implementation."""
 
@@ -54,7 +58,7 @@ class Backend:
         try:
             return self.__dict__["ops"][op_name]
         except KeyError:
-            raise BackendError(f"backend {self.__dict__.get('name')!r} has no op {op_name!r}") from None
+            raise MissingOpError(f"backend {self.__dict__.get('name')!r} has no op {op_name!r}") from None
 
     def missing(self, op_names: Iterable[str]) -> list[str]:
         """The op names from ``op_names`` this backend does not implement, sorted."""

@@ -56,3 +56,10 @@ def test_import_is_light():
             "bad = [m for m in ('torch', 'numba', 'cupy', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_op_attribute_is_a_backend_error_and_an_attribute_error():
+    b = backends.Backend("partial", {"rms_norm": lambda **kw: None})
+    assert hasattr(b, "rms_norm") and not hasattr(b, "attention")
+    with pytest.raises(gptevo.BackendError, match="no op 'attention'"):
+        b.attention

@@ -1,11 +1,44 @@
-"""The numba backend (not written yet: its issue comes after the reference and the models).
+"""The numba backend: the ops compiled for the CPU with numba (the second tier after the reference).
 
-It is listed so that `gptevo.backends.available()` names it with the reason it cannot be used.
+Importing ``gptevo`` never imports numba: the backend registry imports this package only after
+``importlib.util.find_spec("numba")`` found it, and :func:`probe` reports why it cannot be used
+(numba missing or failing to import). ``OPS`` maps op names to implementations with exactly the
+reference's keyword signatures and output dtypes; an op that is not here is simply absent.
+
+Notes per op (where a numba op is not a plain kernel):
+- linear, moe_experts: weights stay in their stored dtype (f32/f64/f16/bf16) or packed MXFP4 and are
+  widened or decoded inside :func:`_linear.grouped_gemm`: row by row inside the dot product for a
+  single input row (decode), or eight rows at a time into a cache-resident tile for several input
+  rows (prefill, experts shared by several tokens). No weight is materialised in a wider dtype.
+- attention: GQA, windows, positions (ring-buffer slots, empty slots < 0), sinks and ALiBi are all
+  in the kernel; nothing is delegated to the reference. k/v stored as f16/bf16 are widened in the
+  wrapper. Keys whose probability is exactly 0 (masked) are skipped in the value sum, so a NaN in a
+  masked V slot does not leak (the reference's 0 * NaN would give NaN).
+- gelu_mlp, swiglu_mlp, learned_positions: compositions of this backend's own kernels;
+  alibi_slopes: H numbers computed in plain Python (nothing to compile).
+- dropout is absent (training only; its random stream is the reference's by definition).
+- Small vectors (norm weights/biases, sinks, router logits, routing weights) are widened in the
+  wrapper. Kernels use ``cache=False, fastmath=False`` and compile on the first call of each dtype
+  combination (about 20 s for the whole conformance suite on 2 cores). The matrix and attention
+  kernels are parallel (``prange``) but take at most one thread per ~4M multiply-adds
+  (:func:`_common.run_parallel`): tiny decode-size regions run on one thread.
 """
 from __future__ import annotations
 
-OPS: dict = {}
+import importlib.util
+
+_IMPORT_ERROR: str | None = None
+try:
+    from gptevo.backends.numba._ops import OPS
+except Exception as exc:  # numba missing or broken: the registry reports probe()'s reason instead
+    OPS: dict = {}
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 def probe() -> str | None:
-    return "the numba backend is not implemented yet in this version of gptevo"
+    """None when numba imports and the kernels module loaded; else the reason in words."""
+    if importlib.util.find_spec("numba") is None:
+        return "the Python package 'numba' is not installed (pip install 'gptevo[numba]')"
+    if _IMPORT_ERROR is not None:
+        return f"numba is installed but the numba backend failed to import ({_IMPORT_ERROR})"
+    return None

@@ -1,0 +1,236 @@
+"""softmax, attention and RoPE on numba (spec: spec/ops/attention.md, spec/ops/rope.md).
+
+attention runs one (query position, head) pair per parallel item: scores over the S keys of its
+KV head (GQA: head h reads KV head h // (H/G)), the ALiBi bias, the causal / sliding-window mask
+from positions, a softmax with the optional sink logit, then the weighted sum of values. Nothing of
+size [H,T,S] is materialised. Sums are float64; outputs are rounded once to the compute dtype.
+k and v stored as f16/bf16 (a KV cache) are widened to the compute dtype in the wrapper.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gptevo.backends.numba._common import as_compute, compute_dtype, dot, jit, pjit, prange, run_parallel
+from gptevo.errors import RequestError
+
+
+@jit
+def _softmax_row(x, has_sink, sink, out):
+    """out = exp(x - m) / (sum exp(x - m) + [exp(sink - m)]), m = max(x, sink); all -inf row -> zeros.
+
+    NaN in x propagates like the reference (NaN max -> every output NaN).
+    """
+    n = x.shape[0]
+    m = -np.inf
+    for j in range(n):
+        v = float(x[j])
+        if v != v:
+            m = v
+            break
+        if v > m:
+            m = v
+    if has_sink and sink > m:
+        m = sink
+    if not math.isfinite(m):
+        m = 0.0
+    denom = 0.0
+    for j in range(n):
+        e = math.exp(float(x[j]) - m)
+        out[j] = e
+        denom += e
+    if has_sink:
+        denom += math.exp(sink - m)
+    if not denom > 0:              # all masked (0) or NaN: divide by 1, as the reference does
+        denom = 1.0
+    for j in range(n):
+        out[j] = out[j] / denom
+
+
+@jit
+def _softmax_rows(x, sinks, has_sink, out):
+    for i in range(x.shape[0]):
+        buf = np.empty(x.shape[1])                                # [S] float64
+        _softmax_row(x[i], has_sink, sinks[i] if has_sink else 0.0, buf)
+        for j in range(x.shape[1]):
+            out[i, j] = buf[j]
+
+
+def softmax(x, sinks=None):
+    """Softmax over the last axis; ``sinks`` (one raw logit per row) broadcast to ``x.shape[:-1]``."""
+    arr = np.asarray(x)
+    if arr.ndim == 0:
+        raise RequestError("softmax: x must have at least one axis (the axis normalised over)")
+    dtype = compute_dtype(arr)
+    x2 = as_compute(arr, dtype, "softmax: x").reshape(-1, arr.shape[-1]) if arr.shape[-1] else None
+    if x2 is None:
+        return np.zeros(arr.shape, dtype)
+    if sinks is None:
+        s = np.zeros(1)
+    else:
+        try:
+            s = np.broadcast_to(np.asarray(sinks).astype(dtype).astype(np.float64), arr.shape[:-1]).reshape(-1)
+        except ValueError:
+            raise RequestError(f"softmax: sinks of shape {np.shape(sinks)} do not broadcast to the rows "
+                               f"of x, shape {arr.shape[:-1]}") from None
+        s = np.ascontiguousarray(s)
+    out = np.empty(x2.shape, dtype)
+    _softmax_rows(x2, s, sinks is not None, out)
+    return out.reshape(arr.shape)
+
+
+@pjit
+def _attention_kernel(q, k, v, qpos, kpos, window, sinks, has_sink, slopes, has_alibi, scale, out):
+    """q [T,H,Dh], k [S,G,Dh], v [S,G,Dv] (compute dtype); out [T,H,Dv]. window <= 0 means none."""
+    n_q, n_heads, head_dim = q.shape
+    n_k, n_kv = k.shape[0], k.shape[1]
+    dv = v.shape[2]
+    group = n_heads // n_kv
+    for item in prange(n_q * n_heads):
+        t = item // n_heads
+        h = item % n_heads
+        g = h // group
+        qt = qpos[t]
+        qrow = q[t, h]                                            # [Dh]
+        scores = np.empty(n_k)                                    # [S] float64
+        probs = np.empty(n_k)                                     # [S] float64
+        for s in range(n_k):
+            ks = kpos[s]
+            if ks >= 0 and ks <= qt and (window <= 0 or ks > qt - window):
+                score = dot(qrow, k[s, g], head_dim, 0.0) * scale
+                if has_alibi:
+                    score -= slopes[h] * float(qt - ks)
+                scores[s] = score
+            else:
+                scores[s] = -np.inf
+        _softmax_row(scores, has_sink, sinks[h] if has_sink else 0.0, probs)
+        acc = np.zeros(dv)                                        # [Dv] float64
+        for s in range(n_k):
+            p = probs[s]
+            if p != 0.0:
+                vrow = v[s, g]                                    # [Dv]
+                for d in range(dv):
+                    acc[d] += p * vrow[d]
+        for d in range(dv):
+            out[t, h, d] = acc[d]
+
+
+def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=None, scale=None,
+              alibi_slopes=None):
+    """Softmax attention with GQA, causal/sliding-window masks from positions, sinks and ALiBi.
+
+    Same contract as the reference (``gptevo.ops.attention.attention``): [T,H,Dh], [S,G,Dh], [S,G,Dv]
+    -> [T,H,Dv]; positions default to the last T of 0..S-1; ``scale`` defaults to 1/sqrt(Dh).
+    """
+    from gptevo.ops.masks import check_window
+
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise RequestError(f"attention: q, k, v must be [T,H,Dh], [S,G,Dh], [S,G,Dv]; got shapes "
+                           f"{q.shape}, {k.shape}, {v.shape}")
+    n_q, n_heads, head_dim = q.shape
+    n_k, n_kv, _ = k.shape
+    if k.shape[2] != head_dim or v.shape[:2] != (n_k, n_kv):
+        raise RequestError(f"attention: shapes disagree: q {q.shape} (T,H,Dh), k {k.shape} (S,G,Dh), "
+                           f"v {v.shape} (S,G,Dv)")
+    if n_kv == 0 or n_heads % n_kv:
+        raise RequestError(f"attention: query heads H={n_heads} must be a multiple of KV heads G={n_kv}")
+    if q_positions is None and n_q > n_k:
+        raise RequestError(f"attention: {n_q} queries but only {n_k} keys; pass q_positions explicitly")
+    qpos = np.arange(n_k - n_q, n_k) if q_positions is None else np.asarray(q_positions)
+    kpos = np.arange(n_k) if k_positions is None else np.asarray(k_positions)
+    if qpos.shape != (n_q,) or kpos.shape != (n_k,):
+        raise RequestError(f"attention: q_positions must have shape ({n_q},) and k_positions ({n_k},), got "
+                           f"{qpos.shape} and {kpos.shape}")
+    for name, pos in (("q_positions", qpos), ("k_positions", kpos)):
+        if pos.dtype.kind not in "iu":
+            raise RequestError(f"attention: {name} must be integers, got dtype {pos.dtype}")
+    window = check_window(window)
+    per_head = {}
+    for name, value in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
+        if value is not None and np.shape(value) != (n_heads,):
+            raise RequestError(f"attention: {name} must have shape ({n_heads},) (one per query head), got "
+                               f"{np.shape(value)}")
+        per_head[name] = np.zeros(1) if value is None else np.asarray(value).astype(np.float64)
+    dtype = compute_dtype(q)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    out = np.empty((n_q, n_heads, v.shape[2]), dtype)
+    if sinks is not None:   # the reference rounds sinks to the compute dtype first
+        per_head["sinks"] = per_head["sinks"].astype(dtype).astype(np.float64)
+    if alibi_slopes is not None:
+        per_head["alibi_slopes"] = per_head["alibi_slopes"].astype(dtype).astype(np.float64)
+    work = n_q * n_heads * n_k * (head_dim + v.shape[2])
+    run_parallel(_attention_kernel, work, as_compute(q, dtype, "attention: q"), as_compute(k, dtype, "attention: k"),
+                      as_compute(v, dtype, "attention: v"), qpos.astype(np.int64), kpos.astype(np.int64),
+                      0 if window is None else window, per_head["sinks"], sinks is not None,
+                      per_head["alibi_slopes"], alibi_slopes is not None, float(dtype.type(scale)), out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# RoPE
+
+@jit
+def _cos_sin_kernel(positions, inv_freq, factor, cos, sin):
+    """angle = float(p) * inv_freq in the compute dtype (cos's dtype), cos/sin in float64, x factor."""
+    for t in range(positions.shape[0]):
+        for i in range(inv_freq.shape[0]):
+            cos[t, i] = positions[t]          # round p to the compute dtype, as the reference does
+            angle = cos[t, i] * inv_freq[i]
+            cos[t, i] = math.cos(float(angle))
+            sin[t, i] = math.sin(float(angle))
+            cos[t, i] = cos[t, i] * factor
+            sin[t, i] = sin[t, i] * factor
+
+
+def rope_cos_sin(positions, inv_freq, attention_factor=1.0):
+    """cos and sin of ``angle[t, i] = p_t * inv_freq[i]`` times ``attention_factor``: two [T, R/2]."""
+    pos = np.asarray(positions)
+    if pos.ndim != 1 or pos.dtype.kind not in "iu":
+        raise RequestError(f"positions must be a 1-D integer array, got shape {pos.shape} dtype {pos.dtype}")
+    inv = np.asarray(inv_freq)
+    if inv.ndim != 1:
+        raise RequestError(f"inv_freq must be 1-D [R/2], got shape {inv.shape}")
+    dtype = compute_dtype(inv)
+    cos = np.empty((pos.shape[0], inv.shape[0]), dtype)
+    sin = np.empty((pos.shape[0], inv.shape[0]), dtype)
+    _cos_sin_kernel(pos.astype(np.int64), as_compute(inv, dtype, "inv_freq"), dtype.type(attention_factor), cos, sin)
+    return cos, sin
+
+
+@jit
+def _rope_kernel(x, cos, sin, interleaved, out):
+    """Rotate pairs (a, b) of the first R = 2*cos.shape[1] dims; the rest are copied."""
+    n_t, n_h, head_dim = x.shape
+    half = cos.shape[1]
+    for item in range(n_t * n_h):
+        t = item // n_h
+        h = item % n_h
+        for d in range(2 * half, head_dim):
+            out[t, h, d] = x[t, h, d]
+        for i in range(half):
+            ia = 2 * i if interleaved else i
+            ib = 2 * i + 1 if interleaved else i + half
+            a = x[t, h, ia]
+            b = x[t, h, ib]
+            out[t, h, ia] = a * cos[t, i] - b * sin[t, i]
+            out[t, h, ib] = b * cos[t, i] + a * sin[t, i]
+
+
+def apply_rope(x, cos, sin, interleaved=False):
+    """Rotate the first R dims of every head: half-split (NeoX/HF) or interleaved (GPT-J) pairs."""
+    x = np.asarray(x)
+    cos, sin = np.asarray(cos), np.asarray(sin)
+    if x.ndim != 3:
+        raise RequestError(f"apply_rope: x must be [T,H,Dh], got shape {x.shape}")
+    n_t, _, head_dim = x.shape
+    if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[0] != n_t:
+        raise RequestError(f"apply_rope: cos and sin must both be [T={n_t}, R/2], got {cos.shape} and {sin.shape}")
+    if 2 * cos.shape[1] > head_dim:
+        raise RequestError(f"apply_rope: cos/sin rotate R={2 * cos.shape[1]} dims but x has head_dim {head_dim}")
+    dtype = compute_dtype(x)
+    out = np.empty(x.shape, dtype)
+    _rope_kernel(as_compute(x, dtype, "apply_rope: x"), as_compute(cos, dtype, "cos"), as_compute(sin, dtype, "sin"),
+                 bool(interleaved), out)
+    return out

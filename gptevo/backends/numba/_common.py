@@ -1,0 +1,102 @@
+"""Shared pieces of the numba backend: the jit decorators, a dot product, and input checks.
+
+Every kernel is compiled with ``cache=False`` (cache directories may be read-only in CI) and
+``fastmath=False`` (IEEE semantics: no reassociation, no flush-to-zero), so results differ from the
+NumPy reference only by summation order. The dot product keeps eight independent accumulators,
+which gives the CPU independent chains to overlap without needing fastmath.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange  # noqa: F401  (re-exported for the kernel modules)
+
+from gptevo.errors import RequestError
+
+jit = numba.njit(cache=False, fastmath=False, error_model="numpy")
+pjit = numba.njit(cache=False, fastmath=False, error_model="numpy", parallel=True)
+
+
+@jit
+def dot(a, b, n, zero):
+    """sum_j a[j] * b[j] for j < n, in the promoted dtype of a and b; ``zero`` fixes the start type.
+
+    Eight interleaved partial sums (j mod 8), combined pairwise at the end.
+    """
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
+    n8 = n - n % 8
+    for j in range(0, n8, 8):
+        a0 += a[j] * b[j]
+        a1 += a[j + 1] * b[j + 1]
+        a2 += a[j + 2] * b[j + 2]
+        a3 += a[j + 3] * b[j + 3]
+        a4 += a[j + 4] * b[j + 4]
+        a5 += a[j + 5] * b[j + 5]
+        a6 += a[j + 6] * b[j + 6]
+        a7 += a[j + 7] * b[j + 7]
+    for j in range(n8, n):
+        a0 += a[j] * b[j]
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+def compute_dtype(*arrays) -> np.dtype:
+    """float64 when any input is float64, else float32 (the reference's rule)."""
+    for a in arrays:
+        if getattr(a, "dtype", None) == np.float64:
+            return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def as_compute(x, dtype, what: str) -> np.ndarray:
+    """``x`` as a C-contiguous array of ``dtype`` (f16/bf16/int inputs widen exactly)."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "iuf" and arr.dtype.name != "bfloat16":
+        raise RequestError(f"{what} must be a real-valued array; found dtype {arr.dtype}")
+    return np.ascontiguousarray(arr.astype(dtype, copy=False))
+
+
+def small_vector(v, dtype, shape, what: str) -> np.ndarray:
+    """A small parameter (norm weight, bias, sinks) widened to ``dtype``; RequestError on a bad shape.
+
+    Small vectors are widened here, outside the kernels: they are read once per call and are a
+    tiny fraction of the bytes (the big weights stay packed; see _weights.py).
+    """
+    arr = np.asarray(v)
+    if arr.shape != tuple(shape):
+        raise RequestError(f"{what} must have shape {tuple(shape)}; found {arr.shape}")
+    return np.ascontiguousarray(arr.astype(dtype, copy=False))
+
+
+def real(value, what: str) -> float:
+    """A finite Python float, or RequestError."""
+    import math
+    from numbers import Real
+
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or not math.isfinite(value):
+        raise RequestError(f"{what} must be a finite real number; found {value!r}")
+    return float(value)
+
+
+# Multiply-adds per thread below which a parallel region costs more than it saves (thread wake-up
+# and join are microseconds; on an oversubscribed machine a descheduled worker stalls the others).
+MIN_WORK_PER_THREAD = 1 << 22
+
+
+def run_parallel(kernel, work: int, *args):
+    """Call a ``prange`` kernel with at most ``work // MIN_WORK_PER_THREAD`` threads (at least one)."""
+    total = numba.get_num_threads()
+    n = max(1, min(total, int(work) // MIN_WORK_PER_THREAD))
+    if n == total:
+        return kernel(*args)
+    numba.set_num_threads(n)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(total)
+
+
+def chunk_rows(n_rows: int, n_groups: int = 1) -> int:
+    """Rows per parallel work item: about 16 items per thread, a multiple of 8 rows (one tile)."""
+    threads = max(1, numba.get_num_threads())
+    rows = max(1, -(-n_rows * n_groups // (16 * threads)))
+    return -(-rows // 8) * 8

@@ -1,0 +1,178 @@
+"""linear, embedding and mxfp4_decode on numba (spec: spec/ops/linear.md, embedding.md, mxfp4.md).
+
+The one matrix kernel, :func:`grouped_gemm`, serves ``linear`` (one group: every input row times
+one weight) and ``moe_experts`` (one group per used expert: the rows routed to it). Work items are
+(group, chunk of output rows); each weight byte is read once per call whatever T is: a group of one
+input row uses the weight kind's fused row dot, a larger group widens eight weight rows at a time
+into a [K, 8] tile in cache and reuses it for every input row of the group.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gptevo.backends.numba._common import as_compute, chunk_rows, compute_dtype, jit, pjit, prange, run_parallel
+from gptevo.backends.numba._weights import VALUE_TABLE, SCALE_TABLE, operand, row_mxfp4
+from gptevo.errors import RequestError
+
+
+TILE_ROWS = 8      # weight rows widened together for multi-row groups (eight accumulators per input row)
+TILE_K = 256       # reduction block: partial sums are added per block, which bounds float32 error growth
+
+
+@jit
+def _tiled_rows(x, rows, first, last, wt, loader, e, lo, hi, bias, has_bias, out, buf, scratch, zero):
+    """out[p, lo:hi] for the input rows p of one group: widen TILE_ROWS weight rows into a [K, 8]
+    tile (transposed), then for each input row run eight independent sums over K (one per weight
+    row), which the compiler can keep in one vector register without reassociating any sum."""
+    k = x.shape[1]
+    tile = np.empty((k, TILE_ROWS), out.dtype)          # [K,8] widened weight rows, transposed
+    acc = np.empty(TILE_ROWS, out.dtype)                # [8] per-block totals
+    for n0 in range(lo, hi, TILE_ROWS):
+        nb = min(TILE_ROWS, hi - n0)
+        if nb < TILE_ROWS:
+            tile[:, nb:] = 0
+        for l in range(nb):
+            w = loader(wt, e, n0 + l, buf, scratch)     # [K]
+            for j in range(k):
+                tile[j, l] = w[j]
+        for p in range(first, last):
+            xr = x[rows[p]]                             # [K]
+            acc[:] = 0
+            for j0 in range(0, k, TILE_K):
+                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
+                for j in range(j0, min(k, j0 + TILE_K)):
+                    xv = xr[j]
+                    t = tile[j]
+                    a0 += xv * t[0]
+                    a1 += xv * t[1]
+                    a2 += xv * t[2]
+                    a3 += xv * t[3]
+                    a4 += xv * t[4]
+                    a5 += xv * t[5]
+                    a6 += xv * t[6]
+                    a7 += xv * t[7]
+                acc[0] += a0
+                acc[1] += a1
+                acc[2] += a2
+                acc[3] += a3
+                acc[4] += a4
+                acc[5] += a5
+                acc[6] += a6
+                acc[7] += a7
+            for l in range(nb):
+                out[p, n0 + l] = acc[l] + bias[e, n0 + l] if has_bias else acc[l]
+
+
+@pjit
+def grouped_gemm(x, rows, starts, experts, wt, loader, rowdot, bias, has_bias, out, chunk, zero):
+    """out[p, n] = x[rows[p]] . W[experts[u], n] (+ bias[experts[u], n]) for p in group u.
+
+    x: [M,K] compute dtype; rows: [P] int64 (input row of each output row p); starts: [U+1] int64
+    (group u is p in starts[u]..starts[u+1]); experts: [U] int64; W given by (wt, loader, rowdot)
+    with logical shape [E,N,K]; bias: [E,N] compute dtype; out: [P,N]. A group of one input row
+    (decode) uses the fused row dot; larger groups widen each weight row once into a tile.
+    """
+    n_out = out.shape[1]
+    k = x.shape[1]
+    n_chunks = (n_out + chunk - 1) // chunk
+    for item in prange(experts.shape[0] * n_chunks):
+        u = item // n_chunks
+        lo = (item % n_chunks) * chunk
+        hi = min(n_out, lo + chunk)
+        e = experts[u]
+        first, last = starts[u], starts[u + 1]
+        buf = np.empty(k, out.dtype)                    # [K] decoded row (compute dtype)
+        scratch = np.empty(k, np.uint32)                # [K] f32 bits for bf16/f16 rows
+        if last - first == 1:
+            xr = x[rows[first]]                         # [K]
+            for n in range(lo, hi):
+                y = rowdot(wt, e, n, xr, buf, scratch, zero)
+                out[first, n] = y + bias[e, n] if has_bias else y
+        elif last > first:
+            _tiled_rows(x, rows, first, last, wt, loader, e, lo, hi, bias, has_bias, out, buf, scratch, zero)
+
+
+def bias_operand(bias, n_groups: int, n_out: int, dtype, what: str):
+    """(bias [E,N] compute dtype, has_bias) for an optional bias of shape ``[N]`` or ``[E,N]``."""
+    if bias is None:
+        return np.zeros((1, 1), dtype), False
+    b = np.asarray(bias)
+    expected = (n_out,) if n_groups == 0 else (n_groups, n_out)
+    if b.shape != expected:
+        raise RequestError(f"{what} must have shape {expected}; found {b.shape}")
+    return np.ascontiguousarray(b.astype(dtype, copy=False).reshape(-1, n_out)), True
+
+
+def linear(x, weight, bias=None):
+    """``y = x @ weight.T + bias`` with the weight widened (or MXFP4-decoded) row by row in the kernel."""
+    x = np.asarray(x)
+    if x.ndim < 1:
+        raise RequestError("linear: x must have a last axis [..., in]; found a scalar")
+    dtype = compute_dtype(x)
+    wt, loader, rowdot, (n_out, n_in) = operand(weight, dtype, 2, "linear weight")
+    if x.shape[-1] != n_in:
+        raise RequestError(f"linear: x has {x.shape[-1]} input features (shape {x.shape}) but the weight "
+                           f"expects {n_in} (weight shape {(n_out, n_in)}, layout (out, in))")
+    b, has_bias = bias_operand(bias, 0, n_out, dtype, "linear: bias")
+    x2 = as_compute(x, dtype, "linear: x").reshape(-1, n_in)                 # [M,in]
+    m = x2.shape[0]
+    out = np.empty((m, n_out), dtype)                                        # [M,out]
+    work = n_out * n_in * max(m, 8) // 8            # weight rows dominate at small M, products at large M
+    run_parallel(grouped_gemm, work, x2, np.arange(m, dtype=np.int64), np.array([0, m], np.int64),
+                 np.zeros(1, np.int64), wt, loader, rowdot, b, has_bias, out, chunk_rows(n_out), dtype.type(0))
+    return out.reshape(*x.shape[:-1], n_out)                                 # [...,out]
+
+
+@jit
+def _gather_rows(wt, loader, ids, out):
+    """out[t] = row ids[t] of the table, widened (bit-exact for every stored dtype)."""
+    d = out.shape[1]
+    for t in range(ids.shape[0]):
+        buf = np.empty(d, out.dtype)
+        scratch = np.empty(d, np.uint32)
+        row = loader(wt, 0, ids[t], buf, scratch)
+        for j in range(d):
+            out[t, j] = row[j]
+
+
+def embedding(table, ids):
+    """``out[t] = table[ids[t]]`` in the table's compute dtype; ids outside [0, V) raise RequestError."""
+    arr = np.asarray(table)
+    if arr.ndim != 2:
+        raise RequestError(f"embedding table must be 2-D [rows, D]; found shape {arr.shape}")
+    dtype = np.dtype(np.float64) if arr.dtype == np.float64 else np.dtype(np.float32)
+    wt, loader, _, (rows, d) = operand(arr, dtype, 2, "embedding table")
+    ids_arr = np.asarray(ids)
+    if ids_arr.dtype.kind not in "iu":
+        raise RequestError(f"ids must be integers; found dtype {ids_arr.dtype}")
+    flat = ids_arr.reshape(-1).astype(np.int64)
+    bad = np.flatnonzero((flat < 0) | (flat >= rows))
+    if bad.size:
+        i = int(bad[0])
+        raise RequestError(f"ids[{i}] = {int(flat[i])} is outside [0, {rows}) (the embedding table has {rows} "
+                           f"rows); {bad.size} value(s) out of range")
+    out = np.empty((flat.size, d), dtype)                                    # [T,D]
+    _gather_rows(wt, loader, flat, out)
+    return out.reshape(*ids_arr.shape, d)
+
+
+@jit
+def _decode_all(wt, out):
+    """Every row of a packed MXFP4 tensor [1,R,G,16] into out [R, 32G]."""
+    for r in range(out.shape[0]):
+        row_mxfp4(wt, 0, r, out[r], np.empty(0, np.uint32))
+
+
+def mxfp4_decode(blocks, scales, dtype="float32"):
+    """Decode packed MXFP4 exactly (same values as the reference, bit for bit; NaN for scale 255)."""
+    from gptevo.ops.mxfp4 import _check_packed, _decode_dtype
+
+    _check_packed(blocks, scales, "mxfp4_decode")
+    dt = _decode_dtype(dtype)
+    lead, groups = scales.shape[:-1], scales.shape[-1]
+    n_rows = int(np.prod(lead, dtype=np.int64))
+    b = np.ascontiguousarray(blocks).reshape(1, n_rows, groups, 16)          # [1,R,G,16]
+    s = np.ascontiguousarray(scales).reshape(1, n_rows, groups)              # [1,R,G]
+    out = np.empty((n_rows, groups * 32), dt)                                # [R,32G]
+    _decode_all((b, s, VALUE_TABLE[dt], SCALE_TABLE[dt]), out)
+    return out.reshape(*lead, groups * 32)
