@@ -1,11 +1,49 @@
-"""The cupy backend (not written yet: its issue comes after the reference and the models).
+"""The cupy backend: gptevo's ops as raw CUDA kernels (``kernels/*.cu``) launched through CuPy.
 
-It is listed so that `gptevo.backends.available()` names it with the reason it cannot be used.
+The third tier after the NumPy reference and numba. ``OPS`` maps every backend op name to an
+implementation with the reference's keyword signature and output dtype (see ``_ops.py`` for which
+ops run as kernels and which few small ones run on the host through the reference). Inputs are
+NumPy arrays, copied to the device per call; results come back as NumPy arrays; weights are
+copied once and cached on the device (``_runtime.py`` documents the memory behaviour).
+
+Importing this package does not import cupy: the registry first checks ``find_spec("cupy")`` and
+:func:`probe`; the CUDA runtime is created, and each kernel module compiled by NVRTC, on the first
+op call that needs it. Verification status: the kernels compile with nvcc for sm_80/sm_90 and run
+under the CPU emulator in the tests; see spec/backends.md for what has run on a GPU.
 """
 from __future__ import annotations
 
-OPS: dict = {}
+import importlib.util
+
+from gptevo.backends.cupy._ops import make_ops
+from gptevo.backends.cupy._runtime import cupy_runtime
+
+_RUNTIME = None
+
+
+def runtime():
+    """The process-wide CuPy runtime (created on first use; imports cupy)."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = cupy_runtime()
+    return _RUNTIME
+
+
+OPS = make_ops(make_runtime=runtime)
 
 
 def probe() -> str | None:
-    return "the cupy backend is not implemented yet in this version of gptevo"
+    """None when cupy imports and sees a CUDA device; else the reason in words."""
+    if importlib.util.find_spec("cupy") is None:
+        return "the Python package 'cupy' is not installed (pip install 'gptevo[cupy]')"
+    try:
+        import cupy
+    except Exception as exc:  # a broken install, missing CUDA libraries, ...
+        return f"cupy is installed but failed to import ({type(exc).__name__}: {exc})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, no device, ...
+        return f"no CUDA device: cupy could not query the CUDA runtime ({type(exc).__name__}: {exc})"
+    if count < 1:
+        return "no CUDA device: the CUDA runtime reports 0 devices"
+    return None

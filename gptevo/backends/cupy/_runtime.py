@@ -1,0 +1,158 @@
+"""Where the cupy backend's kernels run: module compilation, array transfer, the weight cache.
+
+A :class:`Runtime` is built from three pieces, so that the same op code runs on a GPU through
+CuPy and, in the tests, on the CPU through the emulator in ``tools/cuda_emu``:
+
+- ``compile_module(code)``: an object with ``get_function(name)`` whose result is called as
+  ``kernel(grid, block, args, shared_mem=0)`` (``cupy.RawModule`` / ``EmuModule``);
+- ``xp``: the array module for device arrays (``cupy`` / ``numpy``);
+- ``to_host(device_array) -> np.ndarray``.
+
+Memory behaviour. Op inputs arrive as NumPy arrays and outputs leave as NumPy arrays: each call
+copies its activations to the device and its result back. Weights are the exception: every array
+an op treats as a weight (linear/expert weights and biases, norm weights, embedding tables, MXFP4
+blocks and scales) is copied once and kept in :class:`WeightCache`, keyed on the identity of the
+NumPy array object passed in (the cache holds a reference to it, so the identity cannot be reused
+while the entry lives). Consequences: an array mutated in place after it was passed is not
+re-read (the model never does this); the device holds one copy of each distinct weight array until
+the cache's byte limit (``GPTEVO_CUPY_WEIGHT_CACHE_MB``, default 65536 MiB; 0 disables caching)
+evicts the least recently used entries; :func:`Runtime.clear` drops everything.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+
+from gptevo.backends.cupy._source import MODULES, kernel_source
+from gptevo.errors import BackendError
+
+# Options for cupy.RawModule (CuPy itself adds -ftz=true and --device-as-default-execution-space).
+NVRTC_OPTIONS = ("-std=c++17",)
+DEFAULT_CACHE_MB = 65536
+
+
+class WeightCache:
+    """Device copies of weight arrays, keyed on (id(array), tag), least recently used first out."""
+
+    def __init__(self, upload: Callable[[np.ndarray], Any], limit_bytes: int):
+        self._upload = upload
+        self.limit_bytes = int(limit_bytes)
+        self._entries: OrderedDict[tuple[int, str], tuple[Any, Any, int]] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, array, tag: str, prepare: Callable[[Any], np.ndarray]):
+        """The device copy of ``prepare(array)``; ``tag`` names the preparation (e.g. "float32")."""
+        key = (id(array), tag)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is array:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[1]
+        self.misses += 1
+        device = self._upload(prepare(array))
+        size = int(getattr(device, "nbytes", 0))
+        if self.limit_bytes <= 0 or size > self.limit_bytes:
+            return device
+        if entry is not None:                      # a stale entry under a reused id
+            self._drop(key)
+        self._entries[key] = (array, device, size)
+        self.nbytes += size
+        while self.nbytes > self.limit_bytes and self._entries:
+            self._drop(next(iter(self._entries)))
+        return device
+
+    def _drop(self, key) -> None:
+        _, _, size = self._entries.pop(key)
+        self.nbytes -= size
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Runtime:
+    """Compiled kernel modules plus array transfer for one device (or the CPU emulator)."""
+
+    def __init__(self, name: str, compile_module: Callable[[str], Any], xp, to_host: Callable[[Any], np.ndarray],
+                 cache_limit_bytes: int | None = None, max_blocks: int = 1 << 20):
+        self.name = name
+        self.max_blocks = int(max_blocks)     # cap on the grid of grid-stride kernels
+        self.xp = xp
+        self._compile_module = compile_module
+        self._to_host = to_host
+        self._modules: dict[str, Any] = {}
+        self._functions: dict[tuple[str, str], Any] = {}
+        if cache_limit_bytes is None:
+            cache_limit_bytes = _cache_limit_from_env()
+        self.weights = WeightCache(self.upload, cache_limit_bytes)
+
+    def kernel(self, module: str, name: str):
+        """The compiled entry point ``name`` of ``kernels/<module>.cu`` (compiled on first use)."""
+        key = (module, name)
+        fn = self._functions.get(key)
+        if fn is None:
+            if module not in self._modules:
+                try:
+                    self._modules[module] = self._compile_module(kernel_source(module))
+                except BackendError:
+                    raise
+                except Exception as exc:
+                    raise BackendError(f"{self.name}: compiling CUDA module {module!r} failed: {exc}") from exc
+            fn = self._functions[key] = self._modules[module].get_function(name)
+        return fn
+
+    def launch(self, module: str, name: str, grid, block, args, shared_mem: int = 0) -> None:
+        """Run one kernel; scalars in ``args`` must already be explicit NumPy scalars."""
+        self.kernel(module, name)(grid, block, tuple(args), shared_mem=shared_mem)
+
+    def upload(self, array: np.ndarray):
+        """A fresh C-contiguous device copy of a host array (fresh, so 16-byte aligned also when
+        the device is the host, as under the emulator: kernels use 16-byte vector loads)."""
+        return self.xp.array(np.ascontiguousarray(array), copy=True)
+
+    def empty(self, shape, dtype):
+        return self.xp.empty(shape, dtype=dtype)
+
+    def to_host(self, device_array) -> np.ndarray:
+        return np.asarray(self._to_host(device_array))
+
+    def weight(self, array, tag: str = "raw", prepare: Callable[[Any], np.ndarray] = np.asarray):
+        """The cached device copy of ``prepare(array)`` (see the module docstring)."""
+        return self.weights.get(array, tag, prepare)
+
+    def compile_all(self) -> None:
+        """Compile every kernel module now (the first op call otherwise compiles its module)."""
+        for module in MODULES:
+            if module not in self._modules:
+                self._modules[module] = self._compile_module(kernel_source(module))
+
+    def clear(self) -> None:
+        """Forget cached weights (compiled modules stay)."""
+        self.weights.clear()
+
+
+def _cache_limit_from_env() -> int:
+    raw = os.environ.get("GPTEVO_CUPY_WEIGHT_CACHE_MB", str(DEFAULT_CACHE_MB))
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise BackendError(f"GPTEVO_CUPY_WEIGHT_CACHE_MB must be a number of MiB, got {raw!r}") from None
+    return int(mb * 2**20)
+
+
+def cupy_runtime() -> Runtime:
+    """The runtime on the current CUDA device through CuPy (imports cupy)."""
+    import cupy
+
+    def compile_module(code: str):
+        return cupy.RawModule(code=code, options=NVRTC_OPTIONS)
+
+    return Runtime(f"cupy (device {cupy.cuda.runtime.getDevice()})", compile_module, cupy, cupy.asnumpy)
