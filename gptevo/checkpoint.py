@@ -180,8 +180,20 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self._file_of(name).info(name)
 
+    def source(self, name: str) -> str:
+        """Path of the safetensors file holding ``name`` (for error messages)."""
+        return self._file_of(name).path
+
     def get(self, name: str) -> np.ndarray:
         return self._file_of(name).get(name)
+
+    def check_unchanged(self) -> None:
+        """FormatError if a memory-mapped file changed size since it was opened (see SafetensorsFile).
+
+        Closed files are skipped: their mapped views stay valid, but there is nothing left to check."""
+        for f in self._files.values():
+            if f.mode == "mmap" and not f.closed:
+                f.check_unchanged()
 
     def close(self) -> None:
         for f in self._files.values():

@@ -27,7 +27,7 @@ import numpy as np
 
 from gptevo import backends as _backends
 from gptevo.config import ModelConfig
-from gptevo.errors import ConfigError, RequestError
+from gptevo.errors import ConfigError, NumericalError, RequestError
 from gptevo.kv_cache import KVCache
 from gptevo.layouts import build_layout, is_moe_layer
 from gptevo.weights import LayerWeights, ModelWeights, load_weights
@@ -100,9 +100,15 @@ class Model:
     weights:        ModelWeights in stored dtypes.
     backend:        the Backend whose ops run the forward pass.
     path:           the directory it was loaded from (None when built in memory).
-    unused_tensors: checkpoint tensors no role uses (sorted names), e.g. GPT-2 ``attn.bias`` buffers.
+    unused_tensors: checkpoint tensors no role uses (sorted names), e.g. GPT-2 ``attn.bias`` buffers;
+                    they are never read.
     dtype:          the activation (compute) dtype, "float32" (default) or "float64".
+    check_finite:   when True (default), ``logits`` and ``forward`` raise NumericalError instead of
+                    returning NaN or inf logits (``trace`` never checks: it is the tool to find where
+                    non-finite values start). Set it to False to get the raw logits.
     """
+
+    check_finite = True
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, backend=None, path=None,
                  unused_tensors=(), dtype="float32", checkpoint=None):
@@ -119,12 +125,18 @@ class Model:
             self._rope_frequencies(config.max_position_embeddings)
 
     @classmethod
-    def from_checkpoint(cls, config: ModelConfig, checkpoint, backend=None, path=None, dtype="float32") -> "Model":
-        """Build from a config and an open checkpoint (anything with names/info/get)."""
+    def from_checkpoint(cls, config: ModelConfig, checkpoint, backend=None, path=None, dtype="float32",
+                        check_weights: bool = False) -> "Model":
+        """Build from a config and an open checkpoint (anything with names/info/get).
+
+        ``check_weights=True`` scans the used tensors' values before building (see weights.check_values).
+        """
+        if not isinstance(check_weights, bool):
+            raise RequestError(f"check_weights must be True or False, got {check_weights!r}")
         backend = _backends.resolve(backend)
         backend.require(ops_needed(config), what=f"a {config.family} model")
         layout = build_layout(config, checkpoint.names())
-        weights = load_weights(checkpoint, layout)
+        weights = load_weights(checkpoint, layout, check_weights=check_weights)
         unused = set(checkpoint.names()) - layout.used_names()
         return cls(config, weights, backend, path=path, unused_tensors=unused, dtype=dtype, checkpoint=checkpoint)
 
@@ -137,7 +149,7 @@ class Model:
     def logits(self, token_ids) -> np.ndarray:
         """float32 logits ``[T, vocab]`` for the whole sequence, positions 0..T-1 (no cache)."""
         ids = self._check_ids(token_ids, start=0)
-        return self._run(ids, cache=None, record=None).astype(np.float32, copy=False)
+        return self._finite(self._run(ids, cache=None, record=None).astype(np.float32, copy=False), start=0)
 
     def new_cache(self, max_tokens: int) -> KVCache:
         """A KV cache for one generation of at most ``max_tokens`` positions (prompt included)."""
@@ -160,7 +172,7 @@ class Model:
                                f"max_tokens={cache.max_tokens}")
         before = cache.length
         try:
-            return self._run(ids, cache=cache, record=None).astype(np.float32, copy=False)
+            return self._finite(self._run(ids, cache=cache, record=None).astype(np.float32, copy=False), before)
         except BaseException as exc:
             if any(n != before for n in cache._lengths):
                 cache.broken = f"{type(exc).__name__} at position {before}"
@@ -182,6 +194,20 @@ class Model:
 
         self._run(ids, cache=None, record=record)
         return out
+
+    def _finite(self, logits: np.ndarray, start: int) -> np.ndarray:
+        """``logits`` [T,V] unchanged, or NumericalError naming the first non-finite one (check_finite)."""
+        if not self.check_finite:
+            return logits
+        ok = np.isfinite(logits)                                                     # [T,V]
+        if ok.all():
+            return logits
+        t, v = (int(i[0]) for i in np.nonzero(~ok))
+        raise NumericalError(f"non-finite logits: {logits[t, v]} at position {start + t}, vocab id {v} "
+                             f"({int(ok.size - np.count_nonzero(ok))} of {ok.size} values non-finite); "
+                             f"likely causes: NaN/inf weights or MXFP4 scales (gptevo.load(path, "
+                             f"check_weights=True) names the tensor), or activations overflowing "
+                             f"{self.dtype.name} (try dtype='float64')")
 
     # -- input checks ----------------------------------------------------------------------------
     def _check_ids(self, token_ids, start: int) -> np.ndarray:
@@ -216,6 +242,9 @@ class Model:
 
     # -- the forward pass ------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, cache: KVCache | None, record: Callable | None) -> np.ndarray:
+        check = getattr(self.checkpoint, "check_unchanged", None)
+        if check is not None:
+            check()        # a mapped file truncated since loading: FormatError now, not SIGBUS below
         c, w, B = self.config, self.weights, self.backend
         rec = record or (lambda name, value: None)
         start = cache.length if cache is not None else 0
@@ -333,15 +362,24 @@ class Model:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load(path, backend=None, dtype="float32", **options) -> Model:
+def load(path, backend=None, dtype="float32", check_weights=False, mmap=True, **options) -> Model:
     """Load a model directory (HF or original gpt-oss layout) on ``backend`` (see backends.resolve).
 
     The backend is checked for every op the model needs before any tensor is read; every tensor's
     shape and dtype is checked against the config from the checkpoint header before data is read.
+    check_weights: also scan the values before returning: NaN/inf in any used floating tensor, and
+                   MXFP4 scale bytes 255 (NaN) or blocks that overflow float32 (spec/formats.md,
+                   "Weight values"). Off by default: it reads every weight once (seconds for 13 GB).
+    mmap:          True (default) maps the files read-only (lazy, no RAM copy); False reads every
+                   tensor into private memory, so files truncated later cannot raise SIGBUS
+                   (spec/formats.md, "Reading tensors").
     """
     if options:
         raise RequestError(f"load() got unknown option(s) {', '.join(sorted(options))}; "
-                           f"known options: backend, dtype")
+                           f"known options: backend, dtype, check_weights, mmap")
+    for key, value in (("check_weights", check_weights), ("mmap", mmap)):
+        if not isinstance(value, bool):
+            raise RequestError(f"{key} must be True or False, got {value!r}")
     compute_dtype(dtype)
     from gptevo.checkpoint import Checkpoint
     from gptevo.config_adapters import load_config
@@ -351,5 +389,10 @@ def load(path, backend=None, dtype="float32", **options) -> Model:
     if not isinstance(config, ModelConfig):
         raise ConfigError(f"{path}: load_config returned {type(config).__name__}, expected ModelConfig")
     be.require(ops_needed(config), what=f"the {config.family} model at {os.fspath(path)}")
-    checkpoint = Checkpoint(path)
-    return Model.from_checkpoint(config, checkpoint, backend=be, path=path, dtype=dtype)
+    checkpoint = Checkpoint(path, mode="mmap" if mmap else "read")
+    try:
+        return Model.from_checkpoint(config, checkpoint, backend=be, path=path, dtype=dtype,
+                                     check_weights=check_weights)
+    except BaseException:
+        checkpoint.close()
+        raise

@@ -11,9 +11,10 @@ Reads (``SafetensorsFile.get``):
 - ``mode="mmap"`` (default): a read-only ``np.memmap`` view through the file descriptor opened at
   construction, so a 13 GB file is never read into RAM and a file *replaced* by rename keeps
   serving the old bytes. Before each read the size is checked again with ``fstat``; a shrunk file
-  raises FormatError. Residual risk (documented in spec/formats.md): if another process truncates
-  the file *after* ``get`` returned a view, touching that view raises SIGBUS, which Python cannot
-  catch. Use ``mode="read"`` for files others may modify.
+  raises FormatError (``check_unchanged``, which the model also calls before each forward pass).
+  Residual risk (documented in spec/formats.md): if another process truncates the file *while*
+  a mapped view is being read, that read raises SIGBUS, which Python cannot catch. Use
+  ``mode="read"`` for files others may modify.
 - ``mode="read"``: ``os.pread`` into a fresh array; a short read raises FormatError. No SIGBUS.
 Arrays are always returned read-only. A tensor whose absolute offset is not a multiple of its
 itemsize is returned as an aligned copy. Zero-size tensors are fresh empty arrays.
@@ -253,6 +254,26 @@ class SafetensorsFile:
                               f"got {done}")
         return buf
 
+    @property
+    def closed(self) -> bool:
+        return self._file is None
+
+    def check_unchanged(self) -> None:
+        """FormatError if the file is closed or its size changed since it was opened (one ``fstat``).
+
+        Callers holding mapped views (the model, before each forward pass) call it so that a file
+        truncated after loading is reported instead of touched (touching it would raise SIGBUS).
+        """
+        if self._file is None:
+            raise FormatError(f"{self.path}: file is closed")
+        try:
+            size_now = os.fstat(self._file.fileno()).st_size
+        except OSError as exc:
+            raise FormatError(f"{self.path}: cannot stat: {exc.strerror or exc}") from None
+        if size_now != self._size:
+            raise FormatError(f"{self.path}: file changed size since it was opened ({self._size} -> "
+                              f"{size_now} bytes); reopen it")
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -287,15 +308,7 @@ class SafetensorsFile:
         if info.nbytes == 0:
             out = np.empty(info.shape, dtype=dtype)
         else:
-            if self._file is None:
-                raise FormatError(f"{self.path}: file is closed")
-            try:
-                size_now = os.fstat(self._file.fileno()).st_size
-            except OSError as exc:
-                raise FormatError(f"{self.path}: cannot stat: {exc.strerror or exc}") from None
-            if size_now != self._size:
-                raise FormatError(f"{self.path}: file changed size since it was opened ({self._size} -> "
-                                  f"{size_now} bytes); reopen it")
+            self.check_unchanged()
             offset = self._data_start + info.begin
             if self.mode == "read":
                 out = self._read_array(offset, info.nbytes).view(dtype).reshape(info.shape)

@@ -9,7 +9,11 @@ tensors (Mixtral, Qwen3-MoE) are wrapped in an :class:`ExpertStack` that reads l
 without copying every expert.
 
 Every tensor's shape and dtype is checked against the layout (which derives it from the config) from the
-checkpoint header (``checkpoint.info``) BEFORE any data is read.
+checkpoint header (``checkpoint.info``) BEFORE any data is read. Tensors no role uses are never read.
+
+Values are not read at load time unless asked: ``check_weights`` (``gptevo.load(..., check_weights=True)``)
+scans every used floating tensor for NaN/inf in bounded chunks and every MXFP4 scale tensor for E8M0
+NaN (255) and for blocks that overflow float32 when decoded (spec/formats.md, "Weight values").
 """
 from __future__ import annotations
 
@@ -18,15 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from gptevo.errors import CheckpointError
+from gptevo.errors import CheckpointError, GptevoError
 from gptevo.layouts import Layout, Mxfp4, Source, Stacked, Tensor
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DTYPE_ALIASES = {
     "f32": "float32", "float": "float32", "f16": "float16", "half": "float16", "bf16": "bfloat16",
     "f64": "float64", "double": "float64", "u8": "uint8", "i8": "int8", "i32": "int32", "i64": "int64",
-    "bool": "bool",
+    "bool": "bool", "i16": "int16", "f8_e4m3": "float8_e4m3fn", "f8_e5m2": "float8_e5m2",
 }
+_ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "uint8": "U8"}
 
 
 @dataclass
@@ -148,8 +153,10 @@ def _dtype_name(dtype) -> str:
     return np.dtype(dtype).name
 
 
-def _info(ckpt, name: str) -> tuple[str, tuple[int, ...]]:
-    """(dtype name, shape) of ``name`` from the checkpoint header, whatever form ``info`` returns."""
+def _info(ckpt, name: str, raw: bool = False) -> tuple[str, tuple[int, ...]]:
+    """(dtype name, shape) of ``name`` from the checkpoint header, whatever form ``info`` returns.
+
+    The dtype is canonical ("bfloat16", "uint8", ...), or as the header spells it with ``raw=True``."""
     info = ckpt.info(name)
     if hasattr(info, "shape") and hasattr(info, "dtype"):
         dtype, shape = info.dtype, info.shape
@@ -157,15 +164,30 @@ def _info(ckpt, name: str) -> tuple[str, tuple[int, ...]]:
         dtype, shape = info.get("dtype"), info.get("shape")
     else:
         dtype, shape = info
-    return _dtype_name(dtype), tuple(int(s) for s in shape)
+    return (str(dtype) if raw else _dtype_name(dtype)), tuple(int(s) for s in shape)
+
+
+def _where(ckpt, name: str) -> str:
+    """``"<file>: "`` holding ``name`` when the checkpoint can tell, else ``""`` (for error messages)."""
+    source = getattr(ckpt, "source", None)
+    if callable(source):
+        try:
+            return f"{source(name)}: "
+        except GptevoError:     # a message prefix only; the check itself reports a missing tensor
+            return ""
+    return ""
 
 
 def _check(ckpt, name: str, shape: tuple[int, ...], allowed: tuple[str, ...]) -> None:
     dtype, found = _info(ckpt, name)
     if found != tuple(shape):
-        raise CheckpointError(f"tensor {name!r} has shape {list(found)}, expected {list(shape)} from the config")
+        raise CheckpointError(f"{_where(ckpt, name)}tensor {name!r} has shape {list(found)}, expected "
+                              f"{list(shape)} from the config")
     if dtype not in allowed:
-        raise CheckpointError(f"tensor {name!r} has dtype {dtype}, expected one of {', '.join(allowed)}")
+        stored = _info(ckpt, name, raw=True)[0]
+        shown = stored if stored == dtype else f"{stored} ({dtype})"
+        raise CheckpointError(f"{_where(ckpt, name)}tensor {name!r} has dtype {shown}, expected one of "
+                              f"{', '.join(f'{_ST_NAMES.get(a, a)} ({a})' for a in allowed)}")
 
 
 def check_source(ckpt, src: Source) -> None:
@@ -173,6 +195,11 @@ def check_source(ckpt, src: Source) -> None:
     if isinstance(src, Tensor):
         _check(ckpt, src.name, src.shape, FLOAT_DTYPES)
     elif isinstance(src, Mxfp4):
+        if src.shape[-1] % (2 * src.blocks_shape[-1]) or src.shape[-1] == 0:
+            raise CheckpointError(f"{_where(ckpt, src.blocks)}tensor {src.blocks!r} is MXFP4 (blocks of "
+                                  f"{2 * src.blocks_shape[-1]} values along the input axis), but the config "
+                                  f"gives an input width of {src.shape[-1]}; expected a positive multiple of "
+                                  f"{2 * src.blocks_shape[-1]}")
         _check(ckpt, src.blocks, src.blocks_shape, ("uint8",))
         _check(ckpt, src.scales, src.scales_shape, ("uint8",))
     else:
@@ -216,19 +243,24 @@ def read_source(reader: _Reader, src: Source):
     if isinstance(src, Mxfp4):
         from gptevo.ops.mxfp4 import Mxfp4Weight
 
-        return Mxfp4Weight(reader.get(src.blocks), reader.get(src.scales))
+        return Mxfp4Weight(reader.get(src.blocks), reader.get(src.scales), name=src.blocks)
     if isinstance(src, Stacked):
         return ExpertStack([[reader.get(t.name) for t in parts] for parts in src.parts])
     raise TypeError(f"unknown source {src!r}")  # pragma: no cover (programming error)
 
 
-def load_weights(ckpt, layout: Layout) -> ModelWeights:
-    """Check every tensor's header, then read them into a ModelWeights (fused tensors read once)."""
+def load_weights(ckpt, layout: Layout, check_weights: bool = False) -> ModelWeights:
+    """Check every tensor's header, then read them into a ModelWeights (fused tensors read once).
+
+    ``check_weights=True`` also scans the values (``check_values``) before building anything.
+    """
     for src in layout.globals.values():
         check_source(ckpt, src)
     for layer in layout.layers:
         for src in layer.values():
             check_source(ckpt, src)
+    if check_weights:
+        check_values(ckpt, layout)
 
     reader = _Reader(ckpt)
     g = {role: read_source(reader, src) for role, src in layout.globals.items()}
@@ -240,3 +272,85 @@ def load_weights(ckpt, layout: Layout) -> ModelWeights:
         layers.append(LayerWeights(**{role: read_source(reader, src) for role, src in spec.items()}))
     return ModelWeights(embed=g["embed"], final_norm=g["final_norm"], lm_head=g["lm_head"], layers=layers,
                         pos_embed=g.get("pos_embed"), final_norm_bias=g.get("final_norm_bias"), tied=layout.tied)
+
+
+# -- value scan (opt-in) ---------------------------------------------------------------------------
+SCAN_CHUNK = 1 << 22          # elements per chunk: bounded temporaries (a few MB) whatever the tensor size
+SCAN_BLOCKS = 1 << 20         # MXFP4 scale bytes per chunk (gathers at most 16 MB of blocks)
+# Magnitudes of the E2M1 codes 0..7 (bit 3 is the sign). E8M0 scale bytes whose blocks can overflow float32 when decoded: value = code_value * 2**(s - 127) and
+# float32 max is (2 - 2**-23) * 2**127, so s = 254 overflows for |code value| >= 2 (codes 4..7) and
+# s = 253 for |code value| >= 4 (codes 6, 7); s = 255 is the E8M0 NaN (OCP MX v1.0).
+_FP4_MAGNITUDE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _index(shape: tuple[int, ...], flat: int) -> list[int]:
+    return [int(i) for i in np.unravel_index(flat, shape)] if shape else []
+
+
+def scan_finite(a, name: str, where: str = "") -> None:
+    """CheckpointError naming ``name`` and the first index when floating array ``a`` holds NaN or inf.
+
+    Reads ``a`` in chunks of SCAN_CHUNK elements, so the temporaries stay small for any tensor size.
+    """
+    flat = np.asarray(a).reshape(-1)                                 # [N] (a view of a contiguous map)
+    for start in range(0, flat.size, SCAN_CHUNK):
+        chunk = flat[start:start + SCAN_CHUNK]                       # [<=SCAN_CHUNK]
+        ok = np.isfinite(chunk)
+        if not ok.all():
+            bad = np.flatnonzero(~ok)                                # positions in this chunk
+            first = start + int(bad[0])
+            value = float(chunk[int(bad[0])])
+            raise CheckpointError(f"{where}tensor {name!r} holds {value} at index {_index(a.shape, first)} "
+                                  f"({bad.size} non-finite value(s) in elements {start}..{start + chunk.size - 1}); "
+                                  f"expected finite weights")
+
+
+def scan_mxfp4(blocks, scales, blocks_name: str, scales_name: str, where: str = "") -> None:
+    """CheckpointError when an MXFP4 weight has a scale byte 255 (NaN) or a block that decodes to inf.
+
+    Only the scales are read in full (1/16 of the blocks' bytes); blocks are read only where the scale
+    is 253 or 254 (rare), to see whether their largest element overflows float32.
+    """
+    s_flat = np.asarray(scales).reshape(-1)                          # [E*N*G]
+    b_rows = np.asarray(blocks).reshape(-1, blocks.shape[-1])        # [E*N*G, 16]
+    for start in range(0, s_flat.size, SCAN_BLOCKS):
+        chunk = s_flat[start:start + SCAN_BLOCKS]                    # [<=SCAN_BLOCKS] u8
+        high = np.flatnonzero(chunk >= 253)                          # candidates only
+        if high.size == 0:
+            continue
+        nan = high[chunk[high] == 255]
+        if nan.size:
+            first = start + int(nan[0])
+            raise CheckpointError(f"{where}tensor {scales_name!r} has MXFP4 scale byte 255 (E8M0 NaN) at "
+                                  f"block {_index(scales.shape, first)} ({nan.size} such block(s) in this chunk); "
+                                  f"expected scale bytes 0..254")
+        cand = start + high                                          # flat block indices, scale 253/254
+        rows = b_rows[cand]                                          # [n, 16] (n <= SCAN_BLOCKS)
+        top = np.maximum(rows & 0x07, (rows >> 4) & 0x07).max(axis=1)    # [n] largest magnitude code
+        limit = np.where(chunk[high] == 254, 4, 6)                   # [n] first overflowing code
+        over = np.flatnonzero(top >= limit)
+        if over.size:
+            g, s, t = int(cand[over[0]]), int(chunk[high[over[0]]]), int(top[over[0]])
+            raise CheckpointError(
+                f"{where}tensor {blocks_name!r} block {_index(scales.shape, g)} has scale byte {s} and an "
+                f"element of magnitude {_FP4_MAGNITUDE[t]}: {_FP4_MAGNITUDE[t]} * 2**{s - 127} overflows "
+                f"float32 ({over.size} such block(s) in this chunk); expected finite decoded weights")
+
+
+def check_values(ckpt, layout: Layout) -> None:
+    """Scan the values of every tensor the layout uses (each stored tensor once); CheckpointError on the
+    first NaN/inf float weight or bad MXFP4 scale, naming the file and tensor. Unused tensors are not read.
+    """
+    seen: set[str] = set()
+    sources = list(layout.globals.values()) + [src for layer in layout.layers for src in layer.values()]
+    for src in sources:
+        if isinstance(src, Mxfp4):
+            if src.scales not in seen:
+                seen.update(src.names)
+                scan_mxfp4(ckpt.get(src.blocks), ckpt.get(src.scales), src.blocks, src.scales,
+                           _where(ckpt, src.scales))
+            continue
+        for name in src.names:
+            if name not in seen:
+                seen.add(name)
+                scan_finite(ckpt.get(name), name, _where(ckpt, name))

@@ -1,15 +1,23 @@
 #!/usr/bin/env python3
-"""Fuzz the model loaders: mutated safetensors files, shard indexes and config.json files.
+"""Fuzz the model loaders: mutated safetensors files, shard indexes, config.json files and whole model
+directories (tensor-level mutations, then ``gptevo.load`` and ``model.logits``).
 
 Usage (from the repository root):
     python tools/fuzz_loader.py                       # 10000 cases in this process
     python tools/fuzz_loader.py -n 50000 --seed 7     # more cases, another seed
+    python tools/fuzz_loader.py --target model        # only one kind of case (bytes, header, index,
+                                                      # config or model)
     python tools/fuzz_loader.py --subprocess          # chunks in child processes: catches SIGBUS/segfaults,
                                                       # with an address-space cap (--rss-limit-mb)
     python tools/fuzz_loader.py --replay 1234         # rerun case 1234 of --seed and show the traceback
 
 Every case is built from a valid seed input by a few random mutations (byte flips, truncation,
-insertion, a new header length, JSON fields replaced by random JSON values, keys deleted). The
+insertion, a new header length, JSON fields replaced by random JSON values, keys deleted). "model"
+cases write a tiny Llama-like or gpt-oss-like (MXFP4 experts) model directory whose tensors were
+deleted, renamed, reshaped, re-typed, given NaN/inf values or extreme MXFP4 scale bytes, or joined by
+extra tensors (the file itself stays a valid safetensors file, so the model-level checks are reached),
+sometimes with a mutated config too; then load it (``check_weights`` and ``mmap`` at random) and
+compute logits for a few (sometimes invalid) token ids. The
 loaders may accept the input or raise a gptevo.errors.GptevoError subclass; anything else (a bare
 KeyError, ValueError, RecursionError, ...) "escapes". Prints a progress line and, at the end, the
 count per outcome. Exit status 1 if anything escaped or a child process died, else 0.
@@ -143,14 +151,145 @@ def mutate_bytes(rng: random.Random, b: bytes) -> bytes:
     return bytes(b)
 
 
+# -- tiny model directories (tensor-level mutations) ------------------------------------------------
+MODEL_CONFIGS = {
+    "llama": {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+              "max_position_embeddings": 64, "rope_theta": 10000.0, "tie_word_embeddings": False},
+    "gpt_oss": {"model_type": "gpt_oss", "attention_bias": True, "head_dim": 8, "hidden_size": 32,
+                "intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 64,
+                "max_position_embeddings": 64, "rope_theta": 150000.0, "sliding_window": 3,
+                "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": False},
+}
+ST_NAMES = {"float32": "F32", "float16": "F16", "float64": "F64", "bfloat16": "BF16", "uint8": "U8",
+            "int8": "I8", "int32": "I32", "int64": "I64", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3"}
+
+
+def _np_dtypes():
+    import ml_dtypes
+    return [np.dtype(t) for t in (np.float32, np.float16, np.float64, ml_dtypes.bfloat16, np.uint8, np.int8,
+                                  np.int32, np.bool_, ml_dtypes.float8_e4m3fn)]
+
+
+def tiny_model_tensors(kind: str, g: np.random.Generator) -> dict:
+    """Tensor name -> array of a valid tiny HF checkpoint for MODEL_CONFIGS[kind] (written by hand)."""
+    import ml_dtypes
+    V, H, nh, G, D = 64, 32, 4, 2, 8
+    oss = kind == "gpt_oss"
+    fdt = ml_dtypes.bfloat16 if oss else np.float32
+    w = lambda *shape: (g.standard_normal(shape) * 0.3).astype(fdt)   # noqa: E731
+    t = {"model.embed_tokens.weight": w(V, H), "model.norm.weight": w(H), "lm_head.weight": w(V, H)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        t.update({p + "input_layernorm.weight": w(H), p + "post_attention_layernorm.weight": w(H),
+                  a + "q_proj.weight": w(nh * D, H), a + "k_proj.weight": w(G * D, H),
+                  a + "v_proj.weight": w(G * D, H), a + "o_proj.weight": w(H, nh * D)})
+        if not oss:
+            t.update({m + "gate_proj.weight": w(48, H), m + "up_proj.weight": w(48, H), m + "down_proj.weight": w(H, 48)})
+            continue
+        E, I = 4, 32
+        t.update({a + "q_proj.bias": w(nh * D), a + "k_proj.bias": w(G * D), a + "v_proj.bias": w(G * D),
+                  a + "o_proj.bias": w(H), a + "sinks": w(nh), m + "router.weight": w(E, H), m + "router.bias": w(E),
+                  m + "experts.gate_up_proj_bias": w(E, 2 * I), m + "experts.down_proj_bias": w(E, H)})
+        for part, (rows, cols) in (("gate_up_proj", (2 * I, H)), ("down_proj", (H, I))):
+            t[f"{m}experts.{part}_blocks"] = g.integers(0, 256, (E, rows, cols // 32, 16), dtype=np.uint8)
+            t[f"{m}experts.{part}_scales"] = g.integers(118, 128, (E, rows, cols // 32), dtype=np.uint8)
+    return t
+
+
+def tensors_file(tensors: dict) -> bytes:
+    header, chunks, pos = {}, [], 0
+    for name, a in tensors.items():
+        raw = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": ST_NAMES[a.dtype.name], "shape": list(a.shape), "data_offsets": [pos, pos + len(raw)]}
+        chunks.append(raw)
+        pos += len(raw)
+    return assemble(header, b"".join(chunks))
+
+
+def mutate_tensors(rng: random.Random, g: np.random.Generator, t: dict) -> None:
+    """A few tensor-level mutations in place; the result is still a valid safetensors file."""
+    for _ in range(rng.randint(1, 3)):
+        name = rng.choice(sorted(t))
+        a = t[name]
+        kind = rng.choice(["delete", "rename", "shape", "dtype", "value", "value", "scale", "extra"])
+        if kind == "delete":
+            del t[name]
+        elif kind == "rename":
+            t[rng.choice([name + ".x", name.replace("0", "1"), name.replace("model.", ""), name.upper(),
+                          name.replace("weight", "bias")])] = t.pop(name)
+        elif kind == "shape":
+            shape = list(a.shape)
+            choice = rng.random()
+            if choice < 0.3 and shape:
+                i = rng.randrange(len(shape))
+                shape[i] = max(0, shape[i] + rng.choice([-1, 1, -shape[i]]))
+            elif choice < 0.5:
+                shape = shape[:-1] if shape else [1]
+            elif choice < 0.7:
+                shape = shape + [1]
+            elif choice < 0.85:
+                shape = [2**40, 0]
+            else:
+                shape = []
+            t[name] = np.zeros(shape, a.dtype)
+        elif kind == "dtype":
+            t[name] = a.astype(rng.choice(_np_dtypes()))
+        elif kind == "value" and a.size and (a.dtype.kind == "f" or a.dtype.name in ("bfloat16", "float8_e4m3fn")):
+            b = np.array(a)
+            b.reshape(-1)[rng.randrange(b.size)] = rng.choice([np.nan, np.inf, -np.inf, 1e38, -1e38, 0.0])
+            t[name] = b
+        elif kind == "scale" and a.size and a.dtype == np.uint8:
+            b = np.array(a)
+            flat = b.reshape(-1)
+            for _ in range(rng.randint(1, 4)):
+                flat[rng.randrange(flat.size)] = rng.choice([255, 254, 253, 0, 1, rng.randrange(256)])
+            t[name] = b
+        elif kind == "extra":
+            t[rng.choice(["extra.a", "model.layers.9.x", "model.layers.0.self_attn.rotary_emb.inv_freq"])] = \
+                g.standard_normal(rng.choice([(3,), (2, 2), (0,)])).astype(rng.choice(_np_dtypes()))
+
+
+def model_case(rng: random.Random, case_dir: str) -> None:
+    """Write a mutated tiny model directory, load it and run logits (and sometimes a cached forward)."""
+    import gptevo
+    kind = rng.choice(sorted(MODEL_CONFIGS))
+    g = np.random.default_rng(rng.randrange(2**32))
+    t = tiny_model_tensors(kind, g)
+    with np.errstate(all="ignore"):      # casts of NaN/inf to integer dtypes are part of the mutation
+        mutate_tensors(rng, g, t)
+    cfg = MODEL_CONFIGS[kind]
+    if rng.random() < 0.15:
+        cfg = mutate_dict(rng, cfg)
+    with open(os.path.join(case_dir, "model.safetensors"), "wb") as f:
+        f.write(tensors_file(t))
+    with open(os.path.join(case_dir, "config.json"), "w") as f:
+        f.write(json.dumps(cfg, allow_nan=True))
+    ids = [rng.randrange(64) for _ in range(rng.randint(1, 6))]
+    if rng.random() < 0.1:
+        ids[rng.randrange(len(ids))] = rng.choice([-1, 64, 2**40, 1.5, True])
+    with np.errstate(all="ignore"):      # overflow warnings from huge weights are expected, not findings
+        model = gptevo.load(case_dir, check_weights=rng.random() < 0.5, mmap=rng.random() < 0.7)
+        model.logits(ids)
+        if rng.random() < 0.3:
+            cache = model.new_cache(8)
+            model.forward(ids[:1], cache)
+            model.forward(ids[1:2] or [0], cache)
+
+
 LAST_ESCAPE = [""]
+TARGETS = ["bytes", "header", "header", "index", "config", "model", "model"]
 
 
 # -- one case ---------------------------------------------------------------------------------------
-def run_case(index: int, seed: int, workdir: str, reraise: bool = False) -> str:
+def run_case(index: int, seed: int, workdir: str, reraise: bool = False, only: str | None = None) -> str:
     """Run case ``index``; return the outcome name (``ok`` or an exception class name)."""
     rng = random.Random(seed * 1_000_003 + index)
-    target = rng.choice(["bytes", "header", "header", "index", "config"])
+    target = rng.choice(TARGETS)
+    if only is not None:
+        target = only
     case_dir = os.path.join(workdir, f"c{index % 4}")
     shutil.rmtree(case_dir, ignore_errors=True)
     os.makedirs(case_dir)
@@ -183,6 +322,8 @@ def run_case(index: int, seed: int, workdir: str, reraise: bool = False) -> str:
             with Checkpoint(case_dir, mode=rng.choice(["mmap", "read"])) as ck:
                 for name in ck.names():
                     ck.get(name)
+        elif target == "model":
+            model_case(rng, case_dir)
         else:
             cfg = mutate_dict(rng, rng.choice(CONFIGS))
             if rng.random() < 0.5:
@@ -204,7 +345,7 @@ def run_case(index: int, seed: int, workdir: str, reraise: bool = False) -> str:
         return "ESCAPED:" + type(exc).__name__
 
 
-def run_in_process(start: int, count: int, seed: int, progress: bool) -> collections.Counter:
+def run_in_process(start: int, count: int, seed: int, progress: bool, only: str | None = None) -> collections.Counter:
     counts: collections.Counter = collections.Counter()
     escaped: list[int] = []
     workdir = tempfile.mkdtemp(prefix="gptevo-fuzz-")
@@ -212,7 +353,7 @@ def run_in_process(start: int, count: int, seed: int, progress: bool) -> collect
     step = max(1, count // 20)
     try:
         for i in range(start, start + count):
-            outcome = run_case(i, seed, workdir)
+            outcome = run_case(i, seed, workdir, only=only)
             counts[outcome] += 1
             if outcome.startswith("ESCAPED") and len(escaped) < 10:
                 escaped.append((i, LAST_ESCAPE[0]))
@@ -226,13 +367,13 @@ def run_in_process(start: int, count: int, seed: int, progress: bool) -> collect
     return counts
 
 
-def run_subprocesses(n: int, seed: int, chunk: int, rss_mb: int) -> collections.Counter:
+def run_subprocesses(n: int, seed: int, chunk: int, rss_mb: int, only: str | None = None) -> collections.Counter:
     counts: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--start", str(start), "-n", str(size),
-               "--seed", str(seed), "--rss-limit-mb", str(rss_mb)]
+               "--seed", str(seed), "--rss-limit-mb", str(rss_mb)] + (["--target", only] if only else [])
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode < 0 or not res.stdout.strip():
             counts[f"CRASH: child for cases {start}..{start + size - 1} exited {res.returncode}"] += 1
@@ -254,11 +395,12 @@ def main(argv=None) -> int:
     p.add_argument("--rss-limit-mb", type=int, default=4096, help="address-space cap of each child (MB)")
     p.add_argument("--replay", type=int, help="rerun one case and print its traceback")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--target", choices=sorted(set(TARGETS)), help="run only this kind of case")
     a = p.parse_args(argv)
     if a.replay is not None:
         workdir = tempfile.mkdtemp(prefix="gptevo-fuzz-")
         try:
-            print(run_case(a.replay, a.seed, workdir, reraise=True))
+            print(run_case(a.replay, a.seed, workdir, reraise=True, only=a.target))
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return 0
@@ -266,12 +408,12 @@ def main(argv=None) -> int:
         import resource
         limit = a.rss_limit_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        print(json.dumps(run_in_process(a.start, a.cases, a.seed, progress=False)))
+        print(json.dumps(run_in_process(a.start, a.cases, a.seed, progress=False, only=a.target)))
         return 0
     t0 = time.perf_counter()
-    counts = (run_subprocesses(a.cases, a.seed, a.chunk, a.rss_limit_mb) if a.subprocess
-              else run_in_process(0, a.cases, a.seed, progress=True))
-    print(f"\n{a.cases} cases, seed {a.seed}, {time.perf_counter() - t0:.1f}s")
+    counts = (run_subprocesses(a.cases, a.seed, a.chunk, a.rss_limit_mb, a.target) if a.subprocess
+              else run_in_process(0, a.cases, a.seed, progress=True, only=a.target))
+    print(f"\n{a.cases} cases ({a.target or 'all targets'}), seed {a.seed}, {time.perf_counter() - t0:.1f}s")
     width = max(len(k) for k in counts) if counts else 10
     for outcome, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {outcome:<{width}}  {count}")
