@@ -96,7 +96,9 @@ def mxfp4_decode(blocks, scales, dtype="float32"):
     0.5 * 2**-127 = 2**-128, is a float32 subnormal). Edge cases: in float32 the products
     {2,3,4,6} * 2**127 (scale 254) and {4,6} * 2**126 (scale 253) overflow to +-inf; scale 255
     (E8M0 NaN) makes all 32 elements of its block NaN, zeros included, so a bad scale can never
-    pass as a finite weight (the checkpoint loader rejects such tensors). Code 8 decodes to -0.0.
+    pass as a finite weight (``gptevo.load(..., check_weights=True)`` rejects such tensors;
+    otherwise the forward raises NumericalError on the non-finite logits they cause).
+    Code 8 decodes to -0.0.
     """
     _check_packed(blocks, scales, "mxfp4_decode")
     dt = _decode_dtype(dtype)
