@@ -170,28 +170,11 @@ def _experts_cases(rng: np.random.Generator):
         "w_down": dense(e, d, i), "b_down": dense(1, e, d)[0]})
 
 
-@op("moe_experts",
-    signature='moe_experts(x[T,D], weights[T,k], ids[T,k], w_gate_up[E,2I,D], b_gate_up[E,2I]|None, '
-              'w_down[E,D,I], b_down[E,D]|None, activation="swiglu"|"clamped_swiglu", alpha=1.702, '
-              "limit=7.0) -> [T,D]",
-    dtypes="x: f32|f64; weights: f32|f64|bf16; w_*: f32|f16|bf16|Mxfp4Weight; b_*: f32|f16|bf16",
-    tolerance={"float32": 1e-5, "float64": 1e-12},
-    cases=_experts_cases,
-    source="seed section 7 (MoE(x) = sum_TopK g_i E_i(x)); gpt-oss gpt_oss/torch/model.py MLPBlock "
-           "(clamped SwiGLU, interleaved gate/linear, b_down before weighting); HF Mixtral/Qwen3-MoE experts",
-    spec_file="spec/ops/moe.md")
-def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation="swiglu",
-                alpha=1.702, limit=7.0):
-    """The routed expert MLPs and their weighted sum.
+def check_moe_experts_args(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation):
+    """Validate ``moe_experts`` arguments (shared by the reference and the backends).
 
-    For each token t and slot j with e = ids[t, j]:
-        h = w_gate_up[e] @ x[t] + b_gate_up[e]                        # [2I]
-        a = silu(h[:I]) * h[I:]              (activation="swiglu": gate rows first, then up)
-          | clamped_swiglu(h, alpha, limit)  (gate = even rows, linear = odd rows; gpt-oss)
-        y = w_down[e] @ a + b_down[e]                                 # [D]; bias BEFORE weighting
-        out[t] += weights[t, j] * y
-    so b_down is scaled by the routing weight (gpt-oss). Weights may be float arrays or
-    Mxfp4Weight; only the experts that appear in ``ids`` are read (and decoded).
+    Returns ``(x, weights, ids, n_experts, two_i, d)`` with x/weights/ids as NumPy arrays;
+    raises RequestError naming the argument, what was found and what was expected.
     """
     x = np.asarray(x)
     ids = np.asarray(ids)
@@ -217,6 +200,34 @@ def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activatio
     if ids.size and (ids.min() < 0 or ids.max() >= n_experts):
         raise RequestError(f"moe_experts: expert ids must be in 0..{n_experts - 1}, got "
                            f"{int(ids.min())}..{int(ids.max())}")
+    return x, weights, ids, n_experts, two_i, d
+
+
+@op("moe_experts",
+    signature='moe_experts(x[T,D], weights[T,k], ids[T,k], w_gate_up[E,2I,D], b_gate_up[E,2I]|None, '
+              'w_down[E,D,I], b_down[E,D]|None, activation="swiglu"|"clamped_swiglu", alpha=1.702, '
+              "limit=7.0) -> [T,D]",
+    dtypes="x: f32|f64; weights: f32|f64|bf16; w_*: f32|f16|bf16|Mxfp4Weight; b_*: f32|f16|bf16",
+    tolerance={"float32": 1e-5, "float64": 1e-12},
+    cases=_experts_cases,
+    source="seed section 7 (MoE(x) = sum_TopK g_i E_i(x)); gpt-oss gpt_oss/torch/model.py MLPBlock "
+           "(clamped SwiGLU, interleaved gate/linear, b_down before weighting); HF Mixtral/Qwen3-MoE experts",
+    spec_file="spec/ops/moe.md")
+def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation="swiglu",
+                alpha=1.702, limit=7.0):
+    """The routed expert MLPs and their weighted sum.
+
+    For each token t and slot j with e = ids[t, j]:
+        h = w_gate_up[e] @ x[t] + b_gate_up[e]                        # [2I]
+        a = silu(h[:I]) * h[I:]              (activation="swiglu": gate rows first, then up)
+          | clamped_swiglu(h, alpha, limit)  (gate = even rows, linear = odd rows; gpt-oss)
+        y = w_down[e] @ a + b_down[e]                                 # [D]; bias BEFORE weighting
+        out[t] += weights[t, j] * y
+    so b_down is scaled by the routing weight (gpt-oss). Weights may be float arrays or
+    Mxfp4Weight; only the experts that appear in ``ids`` are read (and decoded).
+    """
+    x, weights, ids, n_experts, two_i, d = check_moe_experts_args(
+        x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation)
 
     dt = compute_dtype(x)
     x = widen(x, dt)                                                 # [T, D]

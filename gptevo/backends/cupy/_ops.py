@@ -465,32 +465,8 @@ class CudaOps:
 
     def moe_experts(self, x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation="swiglu",
                     alpha=1.702, limit=7.0):
-        x = np.asarray(x)
-        ids = np.asarray(ids)
-        weights = np.asarray(weights)
-        if activation not in ref_moe.EXPERT_ACTIVATIONS:
-            raise RequestError(f"moe_experts: activation must be one of {ref_moe.EXPERT_ACTIVATIONS}, got "
-                               f"{activation!r}")
-        if x.ndim != 2 or ids.ndim != 2 or ids.shape[0] != x.shape[0] or weights.shape != ids.shape:
-            raise RequestError(f"moe_experts: expected x [T,D], weights [T,k], ids [T,k]; got "
-                               f"{list(x.shape)}, {list(weights.shape)}, {list(ids.shape)}")
-        if ids.dtype.kind not in "iu":
-            raise RequestError(f"moe_experts: ids must be integers, got dtype {ids.dtype}")
-        if len(w_gate_up.shape) != 3 or len(w_down.shape) != 3:
-            raise RequestError(f"moe_experts: w_gate_up and w_down must be 3-D [E,2I,D] and [E,D,I], got "
-                               f"{list(w_gate_up.shape)} and {list(w_down.shape)}")
-        n_experts, two_i, d = w_gate_up.shape
-        if d != x.shape[1] or two_i % 2 or tuple(w_down.shape) != (n_experts, d, two_i // 2):
-            raise RequestError(f"moe_experts: expected w_gate_up [E,2I,D] and w_down [E,D,I] with D={x.shape[1]}; "
-                               f"got {list(w_gate_up.shape)} and {list(w_down.shape)}")
-        if b_gate_up is not None and tuple(np.shape(b_gate_up)) != (n_experts, two_i):
-            raise RequestError(f"moe_experts: b_gate_up must be [{n_experts}, {two_i}], got "
-                               f"{list(np.shape(b_gate_up))}")
-        if b_down is not None and tuple(np.shape(b_down)) != (n_experts, d):
-            raise RequestError(f"moe_experts: b_down must be [{n_experts}, {d}], got {list(np.shape(b_down))}")
-        if ids.size and (ids.min() < 0 or ids.max() >= n_experts):
-            raise RequestError(f"moe_experts: expert ids must be in 0..{n_experts - 1}, got "
-                               f"{int(ids.min())}..{int(ids.max())}")
+        x, weights, ids, n_experts, two_i, d = ref_moe.check_moe_experts_args(
+            x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation)
         if activation == "clamped_swiglu":
             _check_alpha_limit(alpha, limit)
         dt = compute_dtype(x)
