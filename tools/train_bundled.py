@@ -48,15 +48,7 @@ TRAIN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "
 HELDOUT_NOVEL = "persuasion"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # The o200k pre-tokenizer split (as in the gpt-oss tokenizer.json "Split" pre-tokenizer).
-O200K_PATTERN = "|".join([
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"\p{N}{1,3}",
-    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
-    r"\s*[\r\n]+",
-    r"\s+(?!\S)",
-    r"\s+",
-])
+from gptevo.tokenizer import O200K_PATTERN  # noqa: E402
 
 # Model sizes (gpt-oss-20b values in comments).
 CFG = dict(
