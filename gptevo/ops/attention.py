@@ -53,6 +53,40 @@ def _flops(q, k, v, **_):
     return 2 * H * T * S * (Dh + Dv)
 
 
+def check_attention_args(q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale):
+    """Validate and default ``attention`` arguments (shared by the reference and the backends).
+
+    Returns ``(q, k, v, qpos, kpos, window, scale)``: arrays as NumPy arrays, positions defaulted
+    (keys 0..S-1, queries the last T of them), the window checked, ``scale`` defaulted to 1/sqrt(Dh).
+    Raises RequestError naming the argument, what was found and what was expected.
+    """
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise RequestError(f"attention: q, k, v must be [T,H,Dh], [S,G,Dh], [S,G,Dv]; got shapes "
+                           f"{q.shape}, {k.shape}, {v.shape}")
+    T, H, Dh = q.shape
+    S, G, _ = k.shape
+    if k.shape[2] != Dh or v.shape[:2] != (S, G):
+        raise RequestError(f"attention: shapes disagree: q {q.shape} (T,H,Dh), k {k.shape} (S,G,Dh), "
+                           f"v {v.shape} (S,G,Dv)")
+    if G == 0 or H % G:
+        raise RequestError(f"attention: query heads H={H} must be a multiple of KV heads G={G}")
+    qpos = np.arange(S - T, S) if q_positions is None else np.asarray(q_positions)
+    kpos = np.arange(S) if k_positions is None else np.asarray(k_positions)
+    if q_positions is None and T > S:
+        raise RequestError(f"attention: {T} queries but only {S} keys; pass q_positions explicitly")
+    if qpos.shape != (T,) or kpos.shape != (S,):
+        raise RequestError(f"attention: q_positions must have shape ({T},) and k_positions ({S},), got "
+                           f"{qpos.shape} and {kpos.shape}")
+    window = check_window(window)
+    for name, per_head in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
+        if per_head is not None and np.shape(per_head) != (H,):
+            raise RequestError(f"attention: {name} must have shape ({H},) (one per query head), got "
+                               f"{np.shape(per_head)}")
+    scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
+    return q, k, v, qpos, kpos, window, scale
+
+
 @op("attention",
     signature="attention(q[T,H,Dh], k[S,G,Dh], v[S,G,Dv], q_positions[T]=None, k_positions[S]=None, "
               "window=None, sinks[H]=None, scale=None, alibi_slopes[H]=None) -> [T,H,Dv]",
@@ -78,31 +112,11 @@ def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=No
     - ``scale`` defaults to ``1/sqrt(Dh)``. ``sinks[H]`` are raw logits (not scaled).
     - A query that sees no key (possible only with empty cache slots) outputs zeros.
     """
-    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
-        raise RequestError(f"attention: q, k, v must be [T,H,Dh], [S,G,Dh], [S,G,Dv]; got shapes "
-                           f"{q.shape}, {k.shape}, {v.shape}")
+    q, k, v, qpos, kpos, window, scale = check_attention_args(
+        q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale)
     T, H, Dh = q.shape
     S, G, _ = k.shape
-    if k.shape[2] != Dh or v.shape[:2] != (S, G):
-        raise RequestError(f"attention: shapes disagree: q {q.shape} (T,H,Dh), k {k.shape} (S,G,Dh), "
-                           f"v {v.shape} (S,G,Dv)")
-    if G == 0 or H % G:
-        raise RequestError(f"attention: query heads H={H} must be a multiple of KV heads G={G}")
     dtype = compute_dtype(q)
-    qpos = np.arange(S - T, S) if q_positions is None else np.asarray(q_positions)
-    kpos = np.arange(S) if k_positions is None else np.asarray(k_positions)
-    if q_positions is None and T > S:
-        raise RequestError(f"attention: {T} queries but only {S} keys; pass q_positions explicitly")
-    if qpos.shape != (T,) or kpos.shape != (S,):
-        raise RequestError(f"attention: q_positions must have shape ({T},) and k_positions ({S},), got "
-                           f"{qpos.shape} and {kpos.shape}")
-    window = check_window(window)
-    for name, per_head in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
-        if per_head is not None and np.shape(per_head) != (H,):
-            raise RequestError(f"attention: {name} must have shape ({H},) (one per query head), got "
-                               f"{np.shape(per_head)}")
-    scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
 
     group = H // G                                                 # query heads per KV head
     q = q.astype(dtype, copy=False)

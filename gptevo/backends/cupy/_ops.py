@@ -32,6 +32,7 @@ from gptevo.ops import activations as ref_act
 from gptevo.ops import dropout as ref_dropout
 from gptevo.ops import embedding as ref_embedding
 from gptevo.ops import masks as ref_masks
+from gptevo.ops import attention as ref_attention
 from gptevo.ops import moe as ref_moe
 from gptevo.ops import mxfp4 as ref_mxfp4
 from gptevo.ops import norms as ref_norms
@@ -385,36 +386,16 @@ class CudaOps:
 
     def attention(self, q, k, v, q_positions=None, k_positions=None, window=None, sinks=None, scale=None,
                   alibi_slopes=None):
-        q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-        if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
-            raise RequestError(f"attention: q, k, v must be [T,H,Dh], [S,G,Dh], [S,G,Dv]; got shapes "
-                               f"{q.shape}, {k.shape}, {v.shape}")
+        q, k, v, qpos, kpos, window, scale = ref_attention.check_attention_args(
+            q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale)
         t, h, dh = q.shape
         s, g, _ = k.shape
         dv = v.shape[2]
-        if k.shape[2] != dh or v.shape[:2] != (s, g):
-            raise RequestError(f"attention: shapes disagree: q {q.shape} (T,H,Dh), k {k.shape} (S,G,Dh), "
-                               f"v {v.shape} (S,G,Dv)")
-        if g == 0 or h % g:
-            raise RequestError(f"attention: query heads H={h} must be a multiple of KV heads G={g}")
         dt = compute_dtype(q)
-        qpos = np.arange(s - t, s) if q_positions is None else np.asarray(q_positions)
-        kpos = np.arange(s) if k_positions is None else np.asarray(k_positions)
-        if q_positions is None and t > s:
-            raise RequestError(f"attention: {t} queries but only {s} keys; pass q_positions explicitly")
-        if qpos.shape != (t,) or kpos.shape != (s,):
-            raise RequestError(f"attention: q_positions must have shape ({t},) and k_positions ({s},), got "
-                               f"{qpos.shape} and {kpos.shape}")
         for what, pos in (("q_positions", qpos), ("k_positions", kpos)):
             if pos.dtype.kind not in "iu":
                 raise RequestError(f"attention_mask: {what} must be a 1-D integer array, got shape {pos.shape} "
                                    f"dtype {pos.dtype}")
-        window = ref_masks.check_window(window)
-        for name, per_head in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
-            if per_head is not None and np.shape(per_head) != (h,):
-                raise RequestError(f"attention: {name} must have shape ({h},) (one per query head), got "
-                                   f"{np.shape(per_head)}")
-        scale = 1.0 / math.sqrt(dh) if scale is None else float(scale)
         out = self.rt.empty((t, h, dv), dt)
         if t * h == 0 or dv == 0:
             return np.zeros((t, h, dv), dt)

@@ -123,38 +123,19 @@ def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=No
     Same contract as the reference (``gptevo.ops.attention.attention``): [T,H,Dh], [S,G,Dh], [S,G,Dv]
     -> [T,H,Dv]; positions default to the last T of 0..S-1; ``scale`` defaults to 1/sqrt(Dh).
     """
-    from gptevo.ops.masks import check_window
+    from gptevo.ops.attention import check_attention_args
 
-    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
-        raise RequestError(f"attention: q, k, v must be [T,H,Dh], [S,G,Dh], [S,G,Dv]; got shapes "
-                           f"{q.shape}, {k.shape}, {v.shape}")
+    q, k, v, qpos, kpos, window, scale = check_attention_args(
+        q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale)
     n_q, n_heads, head_dim = q.shape
     n_k, n_kv, _ = k.shape
-    if k.shape[2] != head_dim or v.shape[:2] != (n_k, n_kv):
-        raise RequestError(f"attention: shapes disagree: q {q.shape} (T,H,Dh), k {k.shape} (S,G,Dh), "
-                           f"v {v.shape} (S,G,Dv)")
-    if n_kv == 0 or n_heads % n_kv:
-        raise RequestError(f"attention: query heads H={n_heads} must be a multiple of KV heads G={n_kv}")
-    if q_positions is None and n_q > n_k:
-        raise RequestError(f"attention: {n_q} queries but only {n_k} keys; pass q_positions explicitly")
-    qpos = np.arange(n_k - n_q, n_k) if q_positions is None else np.asarray(q_positions)
-    kpos = np.arange(n_k) if k_positions is None else np.asarray(k_positions)
-    if qpos.shape != (n_q,) or kpos.shape != (n_k,):
-        raise RequestError(f"attention: q_positions must have shape ({n_q},) and k_positions ({n_k},), got "
-                           f"{qpos.shape} and {kpos.shape}")
     for name, pos in (("q_positions", qpos), ("k_positions", kpos)):
         if pos.dtype.kind not in "iu":
             raise RequestError(f"attention: {name} must be integers, got dtype {pos.dtype}")
-    window = check_window(window)
     per_head = {}
     for name, value in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
-        if value is not None and np.shape(value) != (n_heads,):
-            raise RequestError(f"attention: {name} must have shape ({n_heads},) (one per query head), got "
-                               f"{np.shape(value)}")
         per_head[name] = np.zeros(1) if value is None else np.asarray(value).astype(np.float64)
     dtype = compute_dtype(q)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     out = np.empty((n_q, n_heads, v.shape[2]), dtype)
     if sinks is not None:   # the reference rounds sinks to the compute dtype first
         per_head["sinks"] = per_head["sinks"].astype(dtype).astype(np.float64)
