@@ -338,6 +338,24 @@ def _apply_cases(rng):
                            "sin": (scale * np.sin(angle)).astype(dtype), "interleaved": interleaved})
 
 
+def check_apply_rope_args(x, cos, sin):
+    """Validate ``apply_rope`` arguments (shared by the reference and the backends).
+
+    Returns ``(x, cos, sin)`` as NumPy arrays: x [T,H,Dh], cos and sin both [T,R/2] with R <= Dh;
+    else RequestError naming what was found and what was expected.
+    """
+    x = np.asarray(x)
+    cos, sin = np.asarray(cos), np.asarray(sin)
+    if x.ndim != 3:
+        raise RequestError(f"apply_rope: x must be [T,H,Dh], got shape {x.shape}")
+    T, _, Dh = x.shape
+    if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[0] != T:
+        raise RequestError(f"apply_rope: cos and sin must both be [T={T}, R/2], got {cos.shape} and {sin.shape}")
+    if 2 * cos.shape[1] > Dh:
+        raise RequestError(f"apply_rope: cos/sin rotate R={2 * cos.shape[1]} dims but x has head_dim {Dh}")
+    return x, cos, sin
+
+
 @op("apply_rope",
     signature="apply_rope(x[T,H,Dh], cos[T,R/2], sin[T,R/2], interleaved=False) -> [T,H,Dh] "
               "(rotates the first R dims)",
@@ -357,17 +375,9 @@ def apply_rope(x, cos, sin, interleaved=False):
     Pair i uses frequency i in both conventions. Dims R..Dh pass through unchanged (partial
     rotary). Returns ``[T, H, Dh]`` in x's compute dtype.
     """
-    x = np.asarray(x)
+    x, cos, sin = check_apply_rope_args(x, cos, sin)
     dtype = compute_dtype(x)
-    cos, sin = np.asarray(cos), np.asarray(sin)
-    if x.ndim != 3:
-        raise RequestError(f"apply_rope: x must be [T,H,Dh], got shape {x.shape}")
-    T, H, Dh = x.shape
-    if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[0] != T:
-        raise RequestError(f"apply_rope: cos and sin must both be [T={T}, R/2], got {cos.shape} and {sin.shape}")
     half = cos.shape[1]
-    if 2 * half > Dh:
-        raise RequestError(f"apply_rope: cos/sin rotate R={2 * half} dims but x has head_dim {Dh}")
     x = x.astype(dtype, copy=False)
     c = cos.astype(dtype)[:, None, :]                                # [T,1,R/2]
     s = sin.astype(dtype)[:, None, :]                                # [T,1,R/2]

@@ -362,17 +362,10 @@ class CudaOps:
         return self.rt.to_host(y)
 
     def apply_rope(self, x, cos, sin, interleaved=False):
-        x = np.asarray(x)
+        x, cos, sin = ref_rope.check_apply_rope_args(x, cos, sin)
         dt = compute_dtype(x)
-        cos, sin = np.asarray(cos), np.asarray(sin)
-        if x.ndim != 3:
-            raise RequestError(f"apply_rope: x must be [T,H,Dh], got shape {x.shape}")
         t, h, dh = x.shape
-        if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[0] != t:
-            raise RequestError(f"apply_rope: cos and sin must both be [T={t}, R/2], got {cos.shape} and {sin.shape}")
         half = cos.shape[1]
-        if 2 * half > dh:
-            raise RequestError(f"apply_rope: cos/sin rotate R={2 * half} dims but x has head_dim {dh}")
         x = x.astype(dt, copy=False)
         if x.size == 0:
             return x.copy()

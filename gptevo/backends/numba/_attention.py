@@ -201,15 +201,9 @@ def _rope_kernel(x, cos, sin, interleaved, out):
 
 def apply_rope(x, cos, sin, interleaved=False):
     """Rotate the first R dims of every head: half-split (NeoX/HF) or interleaved (GPT-J) pairs."""
-    x = np.asarray(x)
-    cos, sin = np.asarray(cos), np.asarray(sin)
-    if x.ndim != 3:
-        raise RequestError(f"apply_rope: x must be [T,H,Dh], got shape {x.shape}")
-    n_t, _, head_dim = x.shape
-    if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[0] != n_t:
-        raise RequestError(f"apply_rope: cos and sin must both be [T={n_t}, R/2], got {cos.shape} and {sin.shape}")
-    if 2 * cos.shape[1] > head_dim:
-        raise RequestError(f"apply_rope: cos/sin rotate R={2 * cos.shape[1]} dims but x has head_dim {head_dim}")
+    from gptevo.ops.rope import check_apply_rope_args
+
+    x, cos, sin = check_apply_rope_args(x, cos, sin)
     dtype = compute_dtype(x)
     out = np.empty(x.shape, dtype)
     _rope_kernel(as_compute(x, dtype, "apply_rope: x"), as_compute(cos, dtype, "cos"), as_compute(sin, dtype, "sin"),
