@@ -344,6 +344,9 @@ def build_parser(env) -> argparse.ArgumentParser:
     i.add_argument("--context", type=int, default=None, help="tokens for the KV-cache figures (default 4096)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    from gptevo.bench import add_subparser as add_bench
+    add_bench(sub, env)
     return p
 
 

@@ -1,0 +1,349 @@
+"""``gptevo bench MODEL_DIR``: batch-1 decode and prefill speed against the machine's memory roofline.
+
+One run measures, in this order:
+
+1. decode: greedy, batch 1, one token per ``model.forward`` call on a KV cache, after ``--warmup``
+   tokens (the first call compiles numba kernels); tok/s = tokens / seconds;
+2. prefill: one ``model.forward`` of ``--prompt-tokens`` random ids on an empty cache, after an
+   8-token warm-up; tok/s = prompt tokens / seconds (0 skips it);
+3. peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after 1 and 2 (before anything else
+   allocates);
+4. weight bytes read per decoded token, counted from the loaded weights (:func:`weight_bytes_per_token`);
+5. memory read bandwidth, measured now: NumPy dot products streaming a buffer of ``--bandwidth-mib``
+   (default 1 GiB, far above the last-level cache) in 4 MiB chunks on ``threads`` Python threads, best
+   of 3 passes (:func:`memory_bandwidth`);
+6. roofline fraction = bytes/token x tok/s / bandwidth;
+7. with ``--llama-bench PATH --gguf FILE``: ``PATH -m FILE -p 0 -n N -t T -r 3 -o json`` and
+   ``-p P -n 0`` (see gptevo.bench_llama), the bytes per token of the GGUF, and llama-bench's peak RSS
+   (``RUSAGE_CHILDREN``); both engines side by side in one table.
+
+``--threads N`` sets NUMBA_NUM_THREADS / OMP / OpenBLAS / MKL thread counts in the environment before
+the backend is imported, ``numba.set_num_threads(N)`` after, and OpenBLAS's thread count through its C
+entry point when NumPy's OpenBLAS is already loaded. ``--weights`` is passed to ``gptevo.load`` as
+``weights=`` only when given. Results: a table on stdout, or one JSON object with ``--json``.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import sys
+import threading
+import time
+
+import numpy as np
+
+from gptevo.errors import RequestError
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+_BLAS_SETTERS = ("openblas_set_num_threads", "openblas_set_num_threads64_", "scipy_openblas_set_num_threads64_",
+                 "scipy_openblas_set_num_threads")
+
+
+# -- threads ---------------------------------------------------------------------------------------
+def _loaded_blas_libraries() -> list[str]:
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+    except OSError:
+        return []
+    return sorted(paths)
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set the thread count of every loaded OpenBLAS; True when one accepted it."""
+    done = False
+    for path in _loaded_blas_libraries():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for fn in _BLAS_SETTERS:
+            setter = getattr(lib, fn, None)
+            if setter is not None:
+                setter(ctypes.c_int(n))
+                done = True
+    return done
+
+
+def set_threads(n: int | None, env=None) -> dict:
+    """Apply ``--threads`` before loading (see the module doc); returns what was set."""
+    env = os.environ if env is None else env
+    if n is None:
+        return {"threads": os.cpu_count() or 1, "set": False}
+    if n < 1:
+        raise RequestError(f"--threads must be at least 1, got {n}")
+    for var in _THREAD_VARS:
+        if var == "NUMBA_NUM_THREADS" and "numba" in sys.modules:
+            continue                       # numba read it at import; set_num_threads below instead
+        env[var] = str(n)
+    return {"threads": n, "set": True, "blas": set_blas_threads(n)}
+
+
+def set_numba_threads(n: int) -> int | None:
+    """``numba.set_num_threads`` when numba is loaded (capped at its pool size); the count in use."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return None
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    return numba.get_num_threads()
+
+
+# -- measurements ----------------------------------------------------------------------------------
+def memory_bandwidth(nbytes: int = 1 << 30, threads: int = 2, repeats: int = 3, chunk: int = 1 << 22) -> float:
+    """Bytes read per second streaming an ``nbytes`` float32 buffer (``np.dot(c, c)`` per chunk of
+    ``chunk`` bytes, chunks split over ``threads`` threads), best of ``repeats`` passes."""
+    buf = np.ones(max(nbytes // 4, 1), dtype=np.float32)                    # [N]; ones: real pages
+    step = max(chunk // 4, 1)
+    starts = list(range(0, buf.size, step))
+    parts = [starts[i::threads] for i in range(threads)]
+    sink = [0.0] * threads
+
+    def work(i):
+        acc = 0.0
+        for s in parts[i]:
+            c = buf[s:s + step]                                             # [step]
+            acc += float(np.dot(c, c))
+        sink[i] = acc
+
+    best = float("inf")
+    for _ in range(repeats):
+        ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        best = min(best, time.perf_counter() - t0)
+    return buf.nbytes / best
+
+
+def _nbytes(a) -> int:
+    return int(getattr(a, "nbytes", 0) or 0)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Weight bytes one decoded token reads: every tensor once, except the token and position tables
+    (one row; a tied head reads the whole table again as the output matrix) and the expert tensors
+    (``experts_*``: k of E experts, k/E of their bytes)."""
+    w, c = model.weights, model.config
+    total = 0
+    for table in (w.embed, w.pos_embed):
+        if table is not None:
+            total += _nbytes(table) // max(int(table.shape[0]), 1)
+    total += _nbytes(w.lm_head) + _nbytes(w.final_norm) + _nbytes(w.final_norm_bias)
+    E, k = int(c.num_experts or 0), int(c.experts_per_token or 0)
+    for layer in w.layers:
+        for name, a in vars(layer).items():
+            if a is None:
+                continue
+            share = (k, E) if name.startswith("experts_") and E else (1, 1)
+            total += _nbytes(a) * share[0] // share[1]
+    return total
+
+
+def weight_dtypes(model) -> str:
+    """The stored dtypes of the weights, e.g. "float32" or "bfloat16 + mxfp4"."""
+    names = set()
+    arrays = [model.weights.embed, model.weights.lm_head] + [a for L in model.weights.layers for a in vars(L).values()]
+    for a in arrays:
+        if a is not None:
+            names.add(str(getattr(a, "dtype", type(a).__name__)))
+    return " + ".join(sorted(names))
+
+
+def peak_rss(who=resource.RUSAGE_SELF) -> int:
+    """Peak resident set size in bytes (Linux reports KiB, macOS bytes)."""
+    r = resource.getrusage(who).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def measure_decode(model, tokens: int, warmup: int = 3, seed: int = 0) -> dict:
+    """Greedy batch-1 decode: ``warmup`` + ``tokens`` single-token forwards on one KV cache."""
+    rng = np.random.default_rng(seed)
+    cache = model.new_cache(warmup + tokens)
+    tok = int(rng.integers(0, model.config.vocab_size))
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        tok = int(np.argmax(model.forward([tok], cache)[-1]))
+    t1 = time.perf_counter()
+    for _ in range(tokens):
+        tok = int(np.argmax(model.forward([tok], cache)[-1]))              # logits [1, V]
+    dt = time.perf_counter() - t1
+    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt, "warmup_s": t1 - t0}
+
+
+def measure_prefill(model, tokens: int, seed: int = 0) -> dict | None:
+    """One forward of ``tokens`` random ids on an empty cache (after an 8-token warm-up)."""
+    if tokens <= 0:
+        return None
+    rng = np.random.default_rng(seed + 1)
+    V = model.config.vocab_size
+    model.forward(rng.integers(0, V, min(8, tokens)).tolist(), model.new_cache(min(8, tokens)))
+    ids = rng.integers(0, V, tokens).tolist()                              # [P]
+    cache = model.new_cache(tokens)
+    t0 = time.perf_counter()
+    model.forward(ids, cache)
+    dt = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, prompt_tokens=512, warmup=3,
+        bandwidth_mib=1024, llama_bench=None, gguf=None, llama_repeats=3, env=None, log=None) -> dict:
+    """Measure everything (see the module doc); returns the result dict that ``--json`` prints."""
+    import gptevo
+    from gptevo import bench_llama
+
+    if (llama_bench is None) != (gguf is None):
+        raise RequestError("--llama-bench PATH and --gguf FILE go together")
+    if llama_bench is not None:
+        bench_llama.check_paths(llama_bench, gguf)
+    if tokens < 1 or prompt_tokens < 0 or warmup < 0:
+        raise RequestError(f"--tokens must be >= 1 and --prompt-tokens, --warmup >= 0 "
+                           f"(got {tokens}, {prompt_tokens}, {warmup})")
+    log = log or (lambda msg: None)
+    th = set_threads(threads, env)
+    n_threads = th["threads"]
+    kwargs = {"weights": weights} if weights is not None else {}
+    log(f"loading {path} ...")
+    t0 = time.perf_counter()
+    model = gptevo.load(path, backend=backend, **kwargs)
+    load_s = time.perf_counter() - t0
+    numba_threads = set_numba_threads(n_threads) if th["set"] else None
+    ctx = model.config.context_length
+    if warmup + tokens > ctx:
+        raise RequestError(f"--warmup + --tokens = {warmup + tokens} exceeds the model's context of {ctx}")
+    prompt_tokens = min(prompt_tokens, ctx)
+    log(f"decode: {warmup} warm-up + {tokens} tokens ...")
+    dec = measure_decode(model, tokens, warmup)
+    log(f"prefill: {prompt_tokens} tokens ...")
+    pre = measure_prefill(model, prompt_tokens)
+    rss = peak_rss()
+    bpt = weight_bytes_per_token(model)
+    log(f"memory bandwidth: {bandwidth_mib} MiB, {n_threads} threads ...")
+    bw = memory_bandwidth(bandwidth_mib << 20, threads=n_threads)
+    c = model.config
+    result = {
+        "model": os.fspath(path), "family": c.family, "layers": c.num_layers, "vocab_size": c.vocab_size,
+        "backend": getattr(model.backend, "name", str(model.backend)), "weights": weights or "stored",
+        "weight_dtypes": weight_dtypes(model), "threads": n_threads, "numba_threads": numba_threads,
+        "load_s": load_s, "decode": dec, "prefill": pre, "peak_rss_bytes": rss,
+        "weight_bytes_per_token": bpt, "bandwidth_bytes_s": bw,
+        "bandwidth_probe": f"NumPy dot, {bandwidth_mib} MiB, {n_threads} threads, best of 3",
+        "roofline_fraction": bpt * dec["tok_s"] / bw, "llama": None,
+    }
+    del model
+    if llama_bench is not None:
+        result["llama"] = run_llama(llama_bench, gguf, tokens, prompt_tokens, n_threads, llama_repeats, bw, log)
+    return result
+
+
+def run_llama(binary, gguf, tokens, prompt_tokens, threads, repeats, bw, log) -> dict:
+    from gptevo import bench_llama
+
+    log(f"llama-bench: decode {tokens} tokens ...")
+    dec = bench_llama.summarize(bench_llama.run_llama_bench(binary, gguf, n_prompt=0, n_gen=tokens,
+                                                            threads=threads, repeats=repeats))
+    pre = None
+    if prompt_tokens > 0:
+        log(f"llama-bench: prefill {prompt_tokens} tokens ...")
+        pre = bench_llama.summarize(bench_llama.run_llama_bench(binary, gguf, n_prompt=prompt_tokens, n_gen=0,
+                                                                threads=threads, repeats=repeats))
+    out = {"binary": binary, "gguf": gguf, "decode": dec, "prefill": pre,
+           "peak_rss_bytes": peak_rss(resource.RUSAGE_CHILDREN)}
+    try:
+        out.update(bench_llama.gguf_bytes_per_token(gguf))
+    except Exception as exc:                       # a header we cannot read only loses the roofline
+        out["gguf_error"] = f"{type(exc).__name__}: {exc}"
+    if "bytes_per_token" in out and "tok_s" in dec:
+        out["roofline_fraction"] = out["bytes_per_token"] * dec["tok_s"] / bw
+    return out
+
+
+# -- output ----------------------------------------------------------------------------------------
+def _gb(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def _rate(d) -> str:
+    if d is None:
+        return "-"
+    if "error" in d:
+        return "error"
+    sd = f" ± {d['stddev']:.1f}" if d.get("stddev") else ""
+    return f"{d['tok_s']:.1f}{sd}"
+
+
+def format_table(r: dict) -> str:
+    """The human-readable report: a header, then gptevo and llama.cpp side by side."""
+    lines = [f"gptevo bench {r['model']}",
+             f"  {r['family']}, {r['layers']} layers, vocab {r['vocab_size']}, weights {r['weight_dtypes']} "
+             f"({r['weights']}); backend {r['backend']}, {r['threads']} threads"
+             + (f" (numba {r['numba_threads']})" if r.get("numba_threads") else ""),
+             f"  memory read bandwidth {r['bandwidth_bytes_s'] / 1e9:.1f} GB/s ({r['bandwidth_probe']})", ""]
+    L = r.get("llama")
+    head = ["", f"gptevo ({r['backend']})"]
+    if L:
+        commit = (L["decode"] or {}).get("build_commit") or ""
+        head.append(f"llama.cpp {commit} ({os.path.basename(L['gguf'])})".replace("  ", " "))
+    P = r["prefill"]["tokens"] if r["prefill"] else 0
+    rows = [[f"decode tok/s (tg{r['decode']['tokens']})", _rate(r["decode"])],
+            [f"prefill tok/s (pp{P})", _rate(r["prefill"])],
+            ["peak RSS", _gb(r["peak_rss_bytes"])],
+            ["weight bytes / token", _gb(r["weight_bytes_per_token"])],
+            ["roofline (decode)", f"{100 * r['roofline_fraction']:.0f}%"]]
+    if L:
+        lrf = L.get("roofline_fraction")
+        extra = [_rate(L["decode"]), _rate(L["prefill"]), _gb(L.get("peak_rss_bytes")),
+                 _gb(L.get("bytes_per_token")), "-" if lrf is None else f"{100 * lrf:.0f}%"]
+        for row, v in zip(rows, extra):
+            row.append(v)
+    widths = [max(len(x[i]) for x in rows + [head]) for i in range(len(head))]
+    for row in [head] + rows:
+        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if L:
+        for what in ("decode", "prefill"):
+            if L[what] and "error" in L[what]:
+                lines.append(f"  llama-bench {what} failed: {L[what]['error']}")
+        if "gguf_error" in L:
+            lines.append(f"  GGUF header: {L['gguf_error']}")
+    lines.append(f"  (decode after {r['decode']['warmup_s']:.1f} s of warm-up incl. compilation; load {r['load_s']:.1f} s)")
+    return "\n".join(lines) + "\n"
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_subparser(sub, env) -> None:
+    """Add ``bench`` to the ``gptevo`` subcommands."""
+    b = sub.add_parser("bench", help="decode/prefill tok/s, peak RSS and memory roofline (optionally vs llama.cpp)")
+    b.add_argument("model_dir", help="model directory")
+    b.add_argument("--backend", default=env.get("GPTEVO_BACKEND") or None,
+                   help="reference, numba, ... (default: $GPTEVO_BACKEND, else the best available)")
+    b.add_argument("--weights", default=None, help="weight mode passed to gptevo.load (e.g. int8)")
+    b.add_argument("--threads", type=int, default=None, help="threads for numba, BLAS and llama-bench")
+    b.add_argument("--tokens", type=int, default=64, help="decoded tokens timed (default 64)")
+    b.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default 512; 0 skips)")
+    b.add_argument("--warmup", type=int, default=3, help="decode warm-up tokens (default 3)")
+    b.add_argument("--bandwidth-mib", type=int, default=1024, help="bandwidth probe buffer (default 1024 MiB)")
+    b.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench binary")
+    b.add_argument("--gguf", default=None, metavar="FILE", help="the same model as GGUF, for --llama-bench")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args, env, stdin, out, err) -> int:
+    show = hasattr(err, "isatty") and err.isatty()
+
+    def log(msg):
+        if show:
+            err.write(msg + "\n")
+            err.flush()
+
+    r = run(args.model_dir, backend=args.backend, weights=args.weights, threads=args.threads,
+            tokens=args.tokens, prompt_tokens=args.prompt_tokens, warmup=args.warmup,
+            bandwidth_mib=args.bandwidth_mib, llama_bench=args.llama_bench, gguf=args.gguf, env=env, log=log)
+    out.write(json.dumps(r, indent=2) + "\n" if args.json else format_table(r))
+    return 0

@@ -1,0 +1,227 @@
+"""``gptevo bench``: the measurements on tiny synthetic models, the weight-bytes count, the llama-bench
+side-by-side (a fake llama-bench script and a hand-written GGUF header), and the errors."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import stat
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+import gptevo
+from gptevo import bench, bench_llama, cli
+from gptevo.errors import FormatError, RequestError
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_synthetic_checkpoint.py"
+_spec = importlib.util.spec_from_file_location("make_synthetic_checkpoint", TOOL)
+msc = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = msc
+_spec.loader.exec_module(msc)
+
+FAST = ["--backend", "reference", "--tokens", "3", "--prompt-tokens", "8", "--warmup", "1", "--bandwidth-mib", "8"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return {m: msc.make_checkpoint(root / m, m, tiny=True, stream=io.StringIO())
+            for m in ("gpt2-124m", "gpt-oss-20b")}
+
+
+def run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    rc = cli.main(argv, env={}, stdin=io.StringIO(), stdout=out, stderr=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def manual_bytes_per_token(path: Path, k: int = 1, E: int = 1) -> int:
+    """From the file itself: everything once, wte/wpe/embed_tokens one row (+ wte whole when tied),
+    experts k/E."""
+    from safetensors.numpy import load_file
+
+    t = load_file(str(path / "model.safetensors"))
+    total = 0
+    for name, a in t.items():
+        if name.endswith(("wte.weight", "wpe.weight", "embed_tokens.weight")):
+            total += a.nbytes // a.shape[0] + (a.nbytes if name.endswith("wte.weight") else 0)
+        elif ".experts." in name:
+            total += a.nbytes * k // E
+        else:
+            total += a.nbytes
+    return total
+
+
+def test_bench_json_on_tiny_gpt2(models):
+    rc, out, err = run(["bench", str(models["gpt2-124m"]), *FAST, "--json"])
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["backend"] == "reference" and r["family"] == "gpt2" and r["weights"] == "stored"
+    assert r["decode"]["tokens"] == 3 and r["decode"]["tok_s"] > 0 and r["prefill"]["tokens"] == 8
+    assert r["peak_rss_bytes"] > 10e6 and r["bandwidth_bytes_s"] > 1e8
+    assert r["weight_bytes_per_token"] == manual_bytes_per_token(models["gpt2-124m"])
+    assert r["roofline_fraction"] == pytest.approx(
+        r["weight_bytes_per_token"] * r["decode"]["tok_s"] / r["bandwidth_bytes_s"])
+    assert r["llama"] is None
+
+
+def test_bench_counts_top_k_experts(models):
+    m = gptevo.load(models["gpt-oss-20b"], backend="reference")
+    assert bench.weight_bytes_per_token(m) == manual_bytes_per_token(models["gpt-oss-20b"], k=2, E=4)
+    assert bench.weight_dtypes(m) == "bfloat16 + mxfp4"
+
+
+def test_bench_table_and_prefill_skip(models):
+    rc, out, err = run(["bench", str(models["gpt-oss-20b"]), *FAST, "--prompt-tokens", "0"])
+    assert rc == 0, err
+    for label in ("decode tok/s (tg3)", "prefill tok/s (pp0)", "peak RSS", "weight bytes / token",
+                  "roofline (decode)", "memory read bandwidth", "gptevo (reference)"):
+        assert label in out
+    assert "llama.cpp" not in out
+
+
+# -- llama-bench side by side ----------------------------------------------------------------------
+FAKE = r'''#!{python}
+import json, sys
+a = sys.argv
+p, n, t = int(a[a.index("-p") + 1]), int(a[a.index("-n") + 1]), int(a[a.index("-t") + 1])
+assert a[a.index("-o") + 1] == "json" and a[a.index("-r") + 1] == "3"
+if {fail}:
+    sys.stderr.write("error: failed to load model\n"); sys.exit(1)
+print("main: some log line before the JSON")
+print(json.dumps([{{"build_commit": "abc1234", "model_type": "gpt2 ?B all F32", "model_size": 1000,
+                   "n_threads": t, "n_prompt": p, "n_gen": n, "avg_ts": 500.0 if n else 2500.0,
+                   "stddev_ts": 5.0}}], indent=1))
+'''
+
+
+def fake_llama(tmp_path, fail=False) -> str:
+    path = tmp_path / ("llama-bench-fail" if fail else "llama-bench")
+    path.write_text(FAKE.format(python=sys.executable, fail=fail))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def _gguf_string(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def write_gguf(path: Path, meta: list[tuple[str, int, object]], tensors: list[tuple[str, tuple, int]]) -> Path:
+    """A GGUF v3 file: metadata (string=8, u32=4, array of strings=(9, list)) and zero-filled tensors
+    (name, ne dims, nbytes), aligned to 32 bytes."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(meta))
+    for key, t, v in meta:
+        head += _gguf_string(key) + struct.pack("<I", t)
+        if t == 8:
+            head += _gguf_string(v)
+        elif t == 4:
+            head += struct.pack("<I", v)
+        elif t == 9:
+            head += struct.pack("<IQ", 8, len(v)) + b"".join(_gguf_string(x) for x in v)
+    offset, infos = 0, b""
+    for name, dims, nbytes in tensors:
+        infos += _gguf_string(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        infos += struct.pack("<IQ", 0, offset)
+        offset += -(-nbytes // 32) * 32
+    blob = head + infos
+    blob += b"\0" * (-len(blob) % 32)
+    path.write_bytes(blob + b"\0" * offset)
+    return path
+
+
+def test_gguf_bytes_per_token_dense_tied_and_moe(tmp_path):
+    dense = write_gguf(tmp_path / "d.gguf", [("general.architecture", 8, "gpt2"),
+                                             ("tokenizer.ggml.tokens", 9, ["a", "b", "c"])],
+                       [("token_embd.weight", (4, 10), 160), ("position_embd.weight", (4, 8), 128),
+                        ("output_norm.weight", (4,), 16), ("blk.0.ffn_up.weight", (4, 16), 256)])
+    r = bench_llama.gguf_bytes_per_token(str(dense))
+    assert r["bytes_per_token"] == 16 + 160 + 16 + 32 + 256   # output_norm padded to its 32-byte slot
+    moe = write_gguf(tmp_path / "m.gguf", [("general.architecture", 8, "gpt-oss"), ("gpt-oss.expert_count", 4, 4),
+                                           ("gpt-oss.expert_used_count", 4, 2)],
+                     [("token_embd.weight", (4, 10), 160), ("output.weight", (4, 10), 160),
+                      ("blk.0.ffn_down_exps.weight", (4, 8, 4), 512)])
+    r = bench_llama.gguf_bytes_per_token(str(moe))
+    assert (r["bytes_per_token"], r["experts"], r["experts_used"]) == (16 + 160 + 256, 4, 2)
+    with pytest.raises(FormatError, match="not a GGUF"):
+        bench_llama.gguf_bytes_per_token(str(TOOL))
+
+
+def test_side_by_side_with_fake_llama_bench(models, tmp_path):
+    gguf = write_gguf(tmp_path / "tiny.gguf", [("general.architecture", 8, "gpt2")],
+                      [("token_embd.weight", (64, 257), 64 * 257 * 4)])
+    args = ["bench", str(models["gpt2-124m"]), *FAST,
+            "--llama-bench", fake_llama(tmp_path), "--gguf", str(gguf)]
+    rc, out, err = run(args + ["--json"])
+    assert rc == 0, err
+    r = json.loads(out)
+    L = r["llama"]
+    assert L["decode"]["tok_s"] == 500.0 and L["decode"]["stddev"] == 5.0 and L["decode"]["n_gen"] == 3
+    assert L["prefill"]["tok_s"] == 2500.0 and L["prefill"]["n_prompt"] == 8
+    assert L["bytes_per_token"] == 64 * 4 + 64 * 257 * 4 and L["roofline_fraction"] > 0
+    rc, out, err = run(args)
+    assert rc == 0, err
+    head = next(line for line in out.splitlines() if "llama.cpp" in line)
+    assert "gptevo (reference)" in head and "abc1234" in head and "tiny.gguf" in head
+    decode = next(line for line in out.splitlines() if "decode tok/s" in line)
+    assert decode.rstrip().endswith("500.0 ± 5.0")
+    assert "2500.0 ± 5.0" in next(line for line in out.splitlines() if "prefill tok/s" in line)
+
+
+def test_failing_llama_bench_still_prints_ours(models, tmp_path):
+    gguf = write_gguf(tmp_path / "x.gguf", [], [])
+    rc, out, err = run(["bench", str(models["gpt2-124m"]), *FAST, "--llama-bench", fake_llama(tmp_path, fail=True),
+                        "--gguf", str(gguf)])
+    assert rc == 0, err
+    assert "llama-bench decode failed: exit status 1: error: failed to load model" in out
+
+
+def test_parse_llama_bench_json():
+    assert bench_llama.parse_llama_bench_json('log\n[{"avg_ts": 1.5}]\n')[0]["avg_ts"] == 1.5
+    with pytest.raises(FormatError, match="no JSON array"):
+        bench_llama.parse_llama_bench_json("error: nothing")
+    with pytest.raises(FormatError, match="avg_ts"):
+        bench_llama.parse_llama_bench_json('[{"x": 1}]')
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--llama-bench", "/bin/true"], "go together"),
+    (["--llama-bench", "/nonexistent/llama-bench", "--gguf", "x.gguf"], "not an executable file"),
+    (["--tokens", "0"], "--tokens must be"),
+    (["--threads", "0"], "--threads must be at least 1"),
+])
+def test_bad_arguments(models, extra, message):
+    rc, out, err = run(["bench", str(models["gpt2-124m"]), *FAST, *extra])
+    assert rc == 2 and message in err
+
+
+def test_weights_passed_only_when_given(models, monkeypatch):
+    calls = []
+    real = gptevo.load
+
+    def fake_load(path, backend=None, **kw):
+        calls.append(kw)
+        if "weights" in kw:
+            raise RequestError("load() got unknown option(s) weights")
+        return real(path, backend=backend)
+
+    monkeypatch.setattr(gptevo, "load", fake_load)
+    assert run(["bench", str(models["gpt2-124m"]), *FAST])[0] == 0
+    rc, out, err = run(["bench", str(models["gpt2-124m"]), *FAST, "--weights", "int8"])
+    assert calls == [{}, {"weights": "int8"}]
+    assert rc == 2 and "unknown option(s) weights" in err
+
+
+def test_set_threads_and_bandwidth():
+    env = {}
+    try:
+        assert bench.set_threads(3, env)["threads"] == 3
+    finally:
+        bench.set_blas_threads(os.cpu_count() or 1)
+    assert env["OMP_NUM_THREADS"] == "3" and env["OPENBLAS_NUM_THREADS"] == "3"
+    assert bench.set_threads(None, env)["set"] is False
+    assert bench.memory_bandwidth(8 << 20, threads=2, repeats=1) > 1e8
