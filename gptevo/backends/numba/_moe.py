@@ -4,6 +4,12 @@ moe_experts sorts the (token, slot) pairs by expert and runs :func:`grouped_gemm
 used expert's rows of ``w_gate_up`` and then ``w_down`` are read (and, for MXFP4, decoded row by row
 in the kernel) once per call, however many tokens chose that expert; unused experts are never
 touched. The activation and the weighted sum are small kernels of their own.
+
+Decode (T = 1) with MXFP4 expert weights in float32 on a CPU with AVX-512 takes
+:func:`_moe_decode_mxfp4` instead: ``_mxfp4_gemv.mxfp4_gemv`` for gate_up of all k experts in one
+parallel call, the activation, down for all k in one call, the weighted sum. Its mode is "exact"
+(default) or "int8" (a weight prepared with ``_mxfp4_gemv.prepare(w, mode="int8")``, or
+``_mxfp4_gemv.set_default_mode("int8")``); see spec/backends.md, "MXFP4 decode kernels".
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import numpy as np
 from gptevo.backends.numba._common import as_compute, chunk_rows, compute_dtype, jit, real, run_parallel
 from gptevo.backends.numba._elementwise import clamped_swiglu1, silu1
 from gptevo.backends.numba._linear import grouped_gemm
-from gptevo.backends.numba._weights import operand
+from gptevo.backends.numba._weights import is_mxfp4, operand
 from gptevo.errors import RequestError
 
 ROUTE_ORDERS = ("softmax_topk", "topk_softmax")
@@ -146,6 +152,10 @@ def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activatio
     b_dn, has_b_dn = bias_operand(b_down, n_e, d, dtype, "moe_experts: b_down")
 
     n_t, k = ids_arr.shape
+    if n_t == 1 and dtype == np.float32 and is_mxfp4(w_gate_up) and is_mxfp4(w_down) and _decode_kernels_ok():
+        return _moe_decode_mxfp4(as_compute(x_arr, dtype, "moe_experts: x"),
+                                 as_compute(w_arr, dtype, "moe_experts: weights"), ids_arr.astype(np.int64), w_gate_up, w_down, b_gu if has_b_gu else None,
+                                 b_dn if has_b_dn else None, act == "clamped_swiglu", alpha, limit)
     flat = ids_arr.reshape(-1).astype(np.int64)                             # [T*k] expert of each pair
     order = np.argsort(flat, kind="stable")                                 # pairs grouped by expert
     experts, counts = np.unique(flat[order], return_counts=True)            # [U], [U]
@@ -168,4 +178,26 @@ def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activatio
     pair_of[order] = np.arange(flat.size)                                   # pair index of (t, j)
     out = np.zeros((n_t, d), dtype)                                         # [T,D]
     _combine_kernel(y, pair_of.reshape(n_t, k), as_compute(w_arr, dtype, "moe_experts: weights"), out)
+    return out
+
+
+def _decode_kernels_ok() -> bool:
+    """True when the explicit-SIMD MXFP4 decode kernels can run here (AVX-512 F/BW)."""
+    from gptevo.backends.numba import _simd
+
+    return _simd.has_avx512()
+
+
+def _moe_decode_mxfp4(x, weights, ids, w_gate_up, w_down, b_gu, b_dn, clamped, alpha, limit):
+    """moe_experts for one token with MXFP4 experts: two mxfp4_gemv calls over all k experts."""
+    from gptevo.backends.numba import _mxfp4_gemv as mg
+
+    mode = mg.weight_mode(w_gate_up, w_down)
+    experts = ids[0]                                                        # [k]
+    h = mg.mxfp4_gemv(w_gate_up.blocks, w_gate_up.scales, experts, x, mode=mode, bias=b_gu)   # [k,2I]
+    a = np.empty((h.shape[0], h.shape[1] // 2), np.float32)                 # [k,I]
+    _expert_activation(h, clamped, alpha, limit, a)
+    y = mg.mxfp4_gemv(w_down.blocks, w_down.scales, experts, a, mode=mode, bias=b_dn)        # [k,D]
+    out = np.zeros((1, y.shape[1]), np.float32)                             # [1,D]
+    _combine_kernel(y, np.arange(y.shape[0], dtype=np.int64).reshape(1, -1), weights, out)
     return out

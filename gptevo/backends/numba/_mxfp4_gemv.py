@@ -436,3 +436,29 @@ def mxfp4_gemv(blocks, scales, experts, x, out=None, mode="exact", bias=None, va
     else:
         raise RequestError(f"mxfp4_gemv: unknown variant {variant!r}")
     return out
+
+
+# --- mode selection for moe_experts ---------------------------------------------------------------
+
+_DEFAULT_MODE = ["exact"]
+
+
+def set_default_mode(mode: str) -> None:
+    """Mode ``moe_experts`` uses for MXFP4 weights not prepared with a mode of their own."""
+    if mode not in MODES:
+        raise RequestError(f"mxfp4 mode must be one of {MODES}, got {mode!r}")
+    _DEFAULT_MODE[0] = mode
+
+
+def get_default_mode() -> str:
+    return _DEFAULT_MODE[0]
+
+
+def weight_mode(*weights) -> str:
+    """The T = 1 mode for these MXFP4 weights: "int8" if each is prepared as int8 (or, unprepared,
+    the default mode is int8) and none has a scale byte 255 on record; else "exact"."""
+    for w in weights:
+        mode = getattr(w, "mode", _DEFAULT_MODE[0])
+        if mode != "int8" or getattr(w, "has_nan_scale", False):
+            return "exact"
+    return "int8"
