@@ -66,7 +66,7 @@ def ops_needed(config: ModelConfig) -> set[str]:
         elif kind == "gelu":
             ops.add("gelu_mlp")
         elif config.activation == "silu":
-            ops.add("swiglu_mlp")
+            ops |= {"swiglu_mlp", "swiglu"}
         else:
             ops.add("gelu")
     return ops
@@ -109,6 +109,7 @@ class Model:
     """
 
     check_finite = True
+    weight_mode = "stored"
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, backend=None, path=None,
                  unused_tensors=(), dtype="float32", checkpoint=None):
@@ -126,19 +127,30 @@ class Model:
 
     @classmethod
     def from_checkpoint(cls, config: ModelConfig, checkpoint, backend=None, path=None, dtype="float32",
-                        check_weights: bool = False) -> "Model":
+                        check_weights: bool = False, weights: str = "stored") -> "Model":
         """Build from a config and an open checkpoint (anything with names/info/get).
 
         ``check_weights=True`` scans the used tensors' values before building (see weights.check_values).
+        ``weights="int8"`` quantizes the dense matrices to blockwise int8 (gptevo.prepare.quantize_dense);
+        then the backend's ``prepare_weights`` hook, if any, prepares them for its kernels.
         """
+        from gptevo.prepare import check_weight_mode, quantize_dense
+
         if not isinstance(check_weights, bool):
             raise RequestError(f"check_weights must be True or False, got {check_weights!r}")
+        check_weight_mode(weights)
         backend = _backends.resolve(backend)
         backend.require(ops_needed(config), what=f"a {config.family} model")
         layout = build_layout(config, checkpoint.names())
-        weights = load_weights(checkpoint, layout, check_weights=check_weights)
+        stored = load_weights(checkpoint, layout, check_weights=check_weights)
+        if weights == "int8":
+            quantize_dense(stored)
+        if backend.prepare_weights is not None:
+            stored = backend.prepare_weights(stored, config)
         unused = set(checkpoint.names()) - layout.used_names()
-        return cls(config, weights, backend, path=path, unused_tensors=unused, dtype=dtype, checkpoint=checkpoint)
+        model = cls(config, stored, backend, path=path, unused_tensors=unused, dtype=dtype, checkpoint=checkpoint)
+        model.weight_mode = weights
+        return model
 
     def __repr__(self) -> str:
         c = self.config
@@ -307,9 +319,15 @@ class Model:
     def _attention(self, i: int, L: LayerWeights, h, pos, rope, slopes, cache, rec):
         c, B = self.config, self.backend
         T, H, G, Dh = h.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
-        q = B.linear(x=h, weight=L.wq, bias=L.bq).reshape(T, H, Dh)                   # [T,H,Dh]
-        k = B.linear(x=h, weight=L.wk, bias=L.bk).reshape(T, G, Dh)                   # [T,G,Dh]
-        v = B.linear(x=h, weight=L.wv, bias=L.bv).reshape(T, G, Dh)                   # [T,G,Dh]
+        if L.wqkv is not None:      # fused at load time (gptevo.prepare): one matrix call
+            qkv = B.linear(x=h, weight=L.wqkv, bias=L.bqkv)                           # [T,(H+2G)*Dh]
+            q = qkv[:, :H * Dh].reshape(T, H, Dh)                                      # [T,H,Dh]
+            k = qkv[:, H * Dh:(H + G) * Dh].reshape(T, G, Dh)                          # [T,G,Dh]
+            v = qkv[:, (H + G) * Dh:].reshape(T, G, Dh)                                # [T,G,Dh]
+        else:
+            q = B.linear(x=h, weight=L.wq, bias=L.bq).reshape(T, H, Dh)               # [T,H,Dh]
+            k = B.linear(x=h, weight=L.wk, bias=L.bk).reshape(T, G, Dh)               # [T,G,Dh]
+            v = B.linear(x=h, weight=L.wv, bias=L.bv).reshape(T, G, Dh)               # [T,G,Dh]
         if c.qk_norm:   # Qwen3: RMSNorm over each head's Dh, before RoPE
             q = self._norm(q, L.q_norm)                                                # [T,H,Dh]
             k = self._norm(k, L.k_norm)                                                # [T,G,Dh]
@@ -352,17 +370,27 @@ class Model:
         if kind == "gelu":
             return B.gelu_mlp(x=h, w_fc=L.w_fc, b_fc=L.b_fc, w_proj=L.w_proj, b_proj=L.b_proj,
                               approximate=gelu_approximate(c))                         # [T,D]
+        if c.activation == "silu" and L.w_gate_up is not None:   # fused gate|up: one matrix call
+            gate_up = B.linear(x=h, weight=L.w_gate_up, bias=L.b_gate_up)             # [T,2I]
+            n = gate_up.shape[1] // 2
+            act = B.swiglu(gate=gate_up[:, :n], up=gate_up[:, n:])                    # [T,I]
+            return B.linear(x=act, weight=L.w_down, bias=L.b_down)                    # [T,D]
         if c.activation == "silu":
             return B.swiglu_mlp(x=h, w_gate=L.w_gate, w_up=L.w_up, w_down=L.w_down,
                                 b_gate=L.b_gate, b_up=L.b_up, b_down=L.b_down)         # [T,D]
-        gate = B.linear(x=h, weight=L.w_gate, bias=L.b_gate)                          # [T,I]
-        up = B.linear(x=h, weight=L.w_up, bias=L.b_up)                                # [T,I]
+        if L.w_gate_up is not None:  # fused at load time (gptevo.prepare): one matrix call
+            gate_up = B.linear(x=h, weight=L.w_gate_up, bias=L.b_gate_up)             # [T,2I]
+            gate, up = gate_up[:, :gate_up.shape[1] // 2], gate_up[:, gate_up.shape[1] // 2:]
+        else:
+            gate = B.linear(x=h, weight=L.w_gate, bias=L.b_gate)                      # [T,I]
+            up = B.linear(x=h, weight=L.w_up, bias=L.b_up)                            # [T,I]
         act = B.gelu(x=gate, approximate=gelu_approximate(c))                         # [T,I] Gemma GeGLU
         return B.linear(x=act * up, weight=L.w_down, bias=L.b_down)                   # [T,D]
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load(path, backend=None, dtype="float32", check_weights=False, mmap=True, **options) -> Model:
+def load(path, backend=None, dtype="float32", check_weights=False, mmap=True, weights="stored",
+         **options) -> Model:
     """Load a model directory (HF or original gpt-oss layout) on ``backend`` (see backends.resolve).
 
     The backend is checked for every op the model needs before any tensor is read; every tensor's
@@ -373,14 +401,21 @@ def load(path, backend=None, dtype="float32", check_weights=False, mmap=True, **
     mmap:          True (default) maps the files read-only (lazy, no RAM copy); False reads every
                    tensor into private memory, so files truncated later cannot raise SIGBUS
                    (spec/formats.md, "Reading tensors").
+    weights:       "stored" (default: every tensor in its stored dtype, the exact path) or "int8":
+                   dense matrices (attention, dense MLPs, output head) quantized to blockwise int8
+                   with one scale per 32 values (spec/ops/int8.md); about half the bytes per decoded
+                   token of bf16, with the error measured in spec/ops/int8.md.
     """
     if options:
         raise RequestError(f"load() got unknown option(s) {', '.join(sorted(options))}; "
-                           f"known options: backend, dtype, check_weights, mmap")
+                           f"known options: backend, dtype, check_weights, mmap, weights")
     for key, value in (("check_weights", check_weights), ("mmap", mmap)):
         if not isinstance(value, bool):
             raise RequestError(f"{key} must be True or False, got {value!r}")
     compute_dtype(dtype)
+    from gptevo.prepare import check_weight_mode
+
+    check_weight_mode(weights)
     from gptevo.checkpoint import Checkpoint
     from gptevo.config_adapters import load_config
 
@@ -392,7 +427,7 @@ def load(path, backend=None, dtype="float32", check_weights=False, mmap=True, **
     checkpoint = Checkpoint(path, mode="mmap" if mmap else "read")
     try:
         return Model.from_checkpoint(config, checkpoint, backend=be, path=path, dtype=dtype,
-                                     check_weights=check_weights)
+                                     check_weights=check_weights, weights=weights)
     except BaseException:
         checkpoint.close()
         raise

@@ -72,6 +72,12 @@ class LayerWeights:
     experts_gate_up_bias: Any = None   # [E, 2I]
     experts_down: Any = None           # [E, D, I]
     experts_down_bias: Any = None      # [E, D]
+    # fused projections, made at load time when the backend asks for them (gptevo.prepare); the
+    # separate tensors above then become row views of these, so no byte is held twice
+    wqkv: Any = None                   # [(H+2G)*Dh, D] = wq | wk | wv
+    bqkv: Any = None                   # [(H+2G)*Dh]
+    w_gate_up: Any = None              # [2I, D] = w_gate | w_up (dense gated MLP)
+    b_gate_up: Any = None              # [2I]
 
     @property
     def is_moe(self) -> bool:
@@ -94,11 +100,17 @@ class ModelWeights:
         """Bytes of weight data held (a tied head counted once)."""
         seen, total = set(), 0
         arrays = [self.embed, self.final_norm, self.lm_head, self.pos_embed, self.final_norm_bias]
+        fused = ("wqkv", "bqkv", "w_gate_up", "b_gate_up")          # before the views made of them
+        arrays += [getattr(layer, name) for layer in self.layers for name in fused]
         arrays += [getattr(layer, f.name) for layer in self.layers for f in fields(layer)]
         for a in arrays:
             if a is None or id(a) in seen:
                 continue
             seen.add(id(a))
+            storage = getattr(a, "values", a)          # Int8Weight keeps its rows in .values
+            seen.add(id(storage))
+            if isinstance(storage, np.ndarray) and storage.base is not None and id(storage.base) in seen:
+                continue        # a row view of a fused weight counted already
             total += int(getattr(a, "nbytes", 0))
         return total
 

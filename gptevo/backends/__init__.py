@@ -11,7 +11,7 @@ probe in the backend's own module. Third-party backends register through the ent
 name to callable and an optional ``probe()`` returning ``None`` when usable or a reason string.
 
 Selection (:func:`resolve`): the explicit name, then the ``GPTEVO_BACKEND`` environment variable,
-then the best available backend by priority. Asking for an unavailable backend is an error that
+then the fastest available CPU backend (numba when installed, else the reference). Asking for an unavailable backend is an error that
 says why; there is never a silent fallback.
 """
 from __future__ import annotations
@@ -48,11 +48,16 @@ class MissingOpError(BackendError, AttributeError):
 
 
 class Backend:
-    """A loaded backend: ``backend.rms_norm(...)`` calls that backend's implementation."""
+    """A loaded backend: ``backend.rms_norm(...)`` calls that backend's implementation.
 
-    def __init__(self, name: str, ops: Mapping[str, Callable]):
+    ``prepare_weights(weights, config) -> weights`` is the backend module's optional load-time hook
+    (fused projections, resident pages, its own layouts; see gptevo.prepare); None when absent.
+    """
+
+    def __init__(self, name: str, ops: Mapping[str, Callable], prepare_weights: Callable | None = None):
         self.name = name
         self.ops = MappingProxyType(dict(ops))
+        self.prepare_weights = prepare_weights
 
     def __getattr__(self, op_name: str) -> Callable:
         try:
@@ -164,19 +169,29 @@ def get(name: str) -> Backend:
     ops = getattr(module, "OPS", None)
     if not isinstance(ops, Mapping):
         raise BackendError(f"backend {name!r} does not define an OPS mapping")
-    backend = Backend(name, ops)
+    backend = Backend(name, ops, getattr(module, "prepare_weights", None))
     _LOADED[name] = backend
     return backend
 
 
-def resolve(name: str | Backend | None = None) -> Backend:
-    """The backend to use: ``name``, else $GPTEVO_BACKEND, else the reference.
+def default_name() -> str:
+    """The backend used when none is named: $GPTEVO_BACKEND, else the fastest available CPU backend
+    (numba when it is installed and usable, else the reference). The GPU backend is never chosen
+    implicitly: a GPU run is always asked for by name."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return env
+    return "numba" if _why_unavailable("numba") is None else "reference"
 
-    The reference is the default (not the fastest available) so that results never depend silently
-    on what happens to be installed; pass ``backend=`` or set GPTEVO_BACKEND to choose another.
+
+def resolve(name: str | Backend | None = None) -> Backend:
+    """The backend to use: ``name``, else :func:`default_name`.
+
+    ``backend="reference"`` is the exact path (the NumPy reference of every op); numba, the default
+    when installed, agrees with it within the conformance tolerances (spec/backends.md).
     """
     if isinstance(name, Backend):
         return name
     if name is None:
-        name = os.environ.get(ENV_VAR) or "reference"
+        name = default_name()
     return get(name)

@@ -63,3 +63,16 @@ def test_missing_op_attribute_is_a_backend_error_and_an_attribute_error():
     assert hasattr(b, "rms_norm") and not hasattr(b, "attention")
     with pytest.raises(gptevo.BackendError, match="no op 'attention'"):
         b.attention
+
+
+def test_default_is_the_fastest_cpu_backend(monkeypatch):
+    monkeypatch.delenv("GPTEVO_BACKEND", raising=False)
+    expected = "numba" if "numba" in backends.available() else "reference"
+    assert backends.default_name() == expected
+    assert backends.resolve(None).name == expected
+
+
+def test_default_without_numba_is_the_reference(monkeypatch):
+    monkeypatch.delenv("GPTEVO_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_why_unavailable", lambda name: "not installed" if name == "numba" else None)
+    assert backends.default_name() == "reference"

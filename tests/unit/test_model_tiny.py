@@ -235,7 +235,9 @@ def write(tmp_path, name: str, tensors: dict, dtype=np.float32) -> str:
     return d
 
 
-def build(c: ModelConfig, path: str, backend=None) -> Model:
+def build(c: ModelConfig, path: str, backend="reference") -> Model:
+    """The model at ``path``; the reference backend unless another is named (these tests check the
+    reference model; tests/conformance/test_model_backends.py runs the same models on every backend)."""
     return Model.from_checkpoint(c, Checkpoint(path), backend=backend, path=path)
 
 

@@ -35,6 +35,17 @@ except Exception as exc:  # numba missing or broken: the registry reports probe(
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
+def prepare_weights(weights, config):
+    """Load-time preparation for this backend: q|k|v and gate|up fused into one matrix each (one
+    streaming call instead of three), and the memory-mapped weights' pages mapped now, so decode
+    steps take no page faults (gptevo.prepare)."""
+    from gptevo.prepare import fuse_projections, populate
+
+    fuse_projections(weights)
+    populate(weights)
+    return weights
+
+
 def probe() -> str | None:
     """None when numba imports and the kernels module loaded; else the reason in words."""
     if importlib.util.find_spec("numba") is None:

@@ -13,8 +13,8 @@ from numba import prange  # noqa: F401  (re-exported for the kernel modules)
 
 from gptevo.errors import RequestError
 
-jit = numba.njit(cache=False, fastmath=False, error_model="numpy")
-pjit = numba.njit(cache=False, fastmath=False, error_model="numpy", parallel=True)
+jit = numba.njit(cache=True, fastmath=False, error_model="numpy")
+pjit = numba.njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
 
 
 @jit

@@ -8,11 +8,14 @@ into a [K, 8] tile in cache and reuses it for every input row of the group.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
+from gptevo.backends.numba import _gemv
 from gptevo.backends.numba._common import as_compute, chunk_rows, compute_dtype, jit, pjit, prange, run_parallel
 from gptevo.backends.numba._weights import VALUE_TABLE, SCALE_TABLE, operand, row_mxfp4
 from gptevo.errors import RequestError
+from gptevo.ops.int8 import Int8Weight
 
 
 TILE_ROWS = 8      # weight rows widened together for multi-row groups (eight accumulators per input row)
@@ -104,11 +107,20 @@ def bias_operand(bias, n_groups: int, n_out: int, dtype, what: str):
 
 
 def linear(x, weight, bias=None):
-    """``y = x @ weight.T + bias`` with the weight widened (or MXFP4-decoded) row by row in the kernel."""
+    """``y = x @ weight.T + bias`` with the weight widened (or decoded) in the kernel, never in memory.
+
+    One input row (decode) streams the weight through :func:`_gemv.gemv` when the weight kind has a
+    streaming kernel; float weights equal to the compute dtype with several rows go to BLAS (numpy's
+    matmul reads each weight once for all rows); int8 weights with several rows are widened in
+    bounded row chunks; everything else takes :func:`grouped_gemm`.
+    """
     x = np.asarray(x)
     if x.ndim < 1:
         raise RequestError("linear: x must have a last axis [..., in]; found a scalar")
     dtype = compute_dtype(x)
+    fast = _linear_fast(x, weight, bias, dtype)
+    if fast is not None:
+        return fast
     wt, loader, rowdot, (n_out, n_in) = operand(weight, dtype, 2, "linear weight")
     if x.shape[-1] != n_in:
         raise RequestError(f"linear: x has {x.shape[-1]} input features (shape {x.shape}) but the weight "
@@ -123,16 +135,49 @@ def linear(x, weight, bias=None):
     return out.reshape(*x.shape[:-1], n_out)                                 # [...,out]
 
 
-@jit
-def _gather_rows(wt, loader, ids, out):
-    """out[t] = row ids[t] of the table, widened (bit-exact for every stored dtype)."""
-    d = out.shape[1]
-    for t in range(ids.shape[0]):
-        buf = np.empty(d, out.dtype)
-        scratch = np.empty(d, np.uint32)
-        row = loader(wt, 0, ids[t], buf, scratch)
-        for j in range(d):
-            out[t, j] = row[j]
+WIDEN_ROWS = 512       # weight rows widened to float32 at a time for several input rows (a few MB)
+
+
+def _linear_fast(x, weight, bias, dtype):
+    """The decode / BLAS / int8 paths of :func:`linear`, or None to take the general path (which also
+    produces every error message for malformed arguments)."""
+    shape = getattr(weight, "shape", None)
+    if shape is None or len(shape) != 2 or x.shape[-1] != shape[1] or x.size == 0 \
+            or x.dtype not in (np.float32, np.float64):
+        return None
+    n_out = shape[0]
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.shape != (n_out,) or not (bias.dtype.kind == "f" or bias.dtype.name == "bfloat16"):
+            return None
+        bias = np.ascontiguousarray(bias.astype(dtype, copy=False))              # [out]
+    lead = x.shape[:-1]
+    x2 = np.ascontiguousarray(x.astype(dtype, copy=False)).reshape(-1, shape[1])  # [M,in]
+    if x2.shape[0] == 1:
+        y = _gemv.gemv(x2[0], weight, bias, numba.get_num_threads())              # [out]
+        return None if y is None else y.reshape(*lead, n_out)
+    if isinstance(weight, np.ndarray) and weight.dtype == dtype:
+        y = x2 @ weight.T                                                          # [M,out] BLAS
+    elif isinstance(weight, Int8Weight) and dtype == np.float32:
+        y = np.empty((x2.shape[0], n_out), dtype)                                  # [M,out]
+        for r0 in range(0, n_out, WIDEN_ROWS):
+            part = Int8Weight(weight.values[r0:r0 + WIDEN_ROWS], weight.scales[r0:r0 + WIDEN_ROWS], weight.name)
+            y[:, r0:r0 + WIDEN_ROWS] = x2 @ part.decode(dtype).T                   # [M,chunk]
+    elif isinstance(weight, np.ndarray) and dtype == np.float32 and weight.flags.c_contiguous and (
+            weight.dtype.name == "bfloat16" or weight.dtype == np.float16):
+        widen = _gemv.widen_rows_bf16 if weight.dtype.name == "bfloat16" else _gemv.widen_rows_f16
+        bits = weight.view(np.uint16)                                              # [out,in]
+        y = np.empty((x2.shape[0], n_out), dtype)                                  # [M,out]
+        buf = np.empty((min(WIDEN_ROWS, n_out), shape[1]), dtype)                  # [chunk,in]
+        for r0 in range(0, n_out, WIDEN_ROWS):
+            tile = buf[:min(WIDEN_ROWS, n_out - r0)]                               # [rows,in]
+            widen(bits, r0, tile)
+            y[:, r0:r0 + tile.shape[0]] = x2 @ tile.T                              # [M,rows] BLAS
+    else:
+        return None
+    if bias is not None:
+        y += bias
+    return y.reshape(*lead, n_out)
 
 
 def embedding(table, ids):
@@ -141,7 +186,7 @@ def embedding(table, ids):
     if arr.ndim != 2:
         raise RequestError(f"embedding table must be 2-D [rows, D]; found shape {arr.shape}")
     dtype = np.dtype(np.float64) if arr.dtype == np.float64 else np.dtype(np.float32)
-    wt, loader, _, (rows, d) = operand(arr, dtype, 2, "embedding table")
+    _, _, _, (rows, d) = operand(arr, dtype, 2, "embedding table")          # checks the stored dtype
     ids_arr = np.asarray(ids)
     if ids_arr.dtype.kind not in "iu":
         raise RequestError(f"ids must be integers; found dtype {ids_arr.dtype}")
@@ -151,9 +196,7 @@ def embedding(table, ids):
         i = int(bad[0])
         raise RequestError(f"ids[{i}] = {int(flat[i])} is outside [0, {rows}) (the embedding table has {rows} "
                            f"rows); {bad.size} value(s) out of range")
-    out = np.empty((flat.size, d), dtype)                                    # [T,D]
-    _gather_rows(wt, loader, flat, out)
-    return out.reshape(*ids_arr.shape, d)
+    return arr[flat].astype(dtype).reshape(*ids_arr.shape, d)               # gather, widen exactly
 
 
 @jit

@@ -1,0 +1,195 @@
+"""Streaming matrix-vector kernels for decode: ``out[n] = W[n] . x (+ bias[n])`` for one input row.
+
+Batch-1 decode reads every weight byte once per token, so these kernels exist to run at the memory
+read bandwidth. Each weight kind has its own kernel, all with the same shape of loop: a ``prange``
+over chunks of output rows, one serial dot product per row, compiled with the reassociating
+fast-math flags of :data:`FASTMATH` so LLVM vectorizes the dot into several SIMD partial sums
+(spec/backends.md, "Numerical policy"). Weights are widened in registers, never in memory:
+
+- float32 / float64: read as stored;
+- bfloat16 (uint16 bits): shifted into the high half of a uint32 and bit-cast to float32 (exact);
+- float16 (uint16 bits): converted by the CPU's half-to-float instruction (``fpext``, exact);
+- int8 blockwise (``Int8Weight``: int8 values, one float32 scale per 32 values along K): each
+  block's dot is formed in float32 from exactly widened int8 values and multiplied by its scale.
+
+The reduction order is the only difference from the reference (sums of products in float32 with
+vector-width partial sums); every product is the exact product of the widened operands.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
+
+# Reassociation and contraction (FMA) let LLVM vectorize reductions; no 'nnan'/'ninf': NaN and inf
+# propagate as in IEEE arithmetic, so a NaN weight still poisons exactly the rows it belongs to.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+fast_pjit = numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
+fast_jit = numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+
+
+@intrinsic
+def half_bits_to_float(typingctx, bits):
+    """float32 value of IEEE binary16 ``bits`` (uint16): the CPU's half->float conversion, exact."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth != 16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def bf16_bits_to_float(typingctx, bits):
+    """float32 value of bfloat16 ``bits`` (uint16): the bits become the high half of a float32."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth != 16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def int8_to_float(typingctx, value):
+    """float32 value of an int8 (one ``sitofp``: LLVM vectorizes it as sign-extend + convert)."""
+    if not isinstance(value, types.Integer) or value.bitwidth != 8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.sitofp(args[0], ir.FloatType())
+
+    return types.float32(value), codegen
+
+
+@fast_pjit
+def gemv_float(w, x, bias, out, chunk, zero):
+    """w [N,K] float32/float64 (same dtype as x, and as ``zero``); x [K]; bias [N] or [0]; out [N]."""
+    n_rows, k = w.shape
+    has_bias = bias.shape[0] == n_rows
+    for c in prange((n_rows + chunk - 1) // chunk):
+        for n in range(c * chunk, min(n_rows, (c + 1) * chunk)):
+            row = w[n]
+            acc = zero
+            for j in range(k):
+                acc += row[j] * x[j]
+            out[n] = acc + bias[n] if has_bias else acc
+
+
+@fast_pjit
+def gemv_bf16(w, x, bias, out, chunk):
+    """w [N,K] uint16 bfloat16 bits; x [K] float32; bias [N] or [0]; out [N] float32."""
+    n_rows, k = w.shape
+    has_bias = bias.shape[0] == n_rows
+    for c in prange((n_rows + chunk - 1) // chunk):
+        for n in range(c * chunk, min(n_rows, (c + 1) * chunk)):
+            row = w[n]
+            acc = np.float32(0)
+            for j in range(k):
+                acc += bf16_bits_to_float(row[j]) * x[j]
+            out[n] = acc + bias[n] if has_bias else acc
+
+
+@fast_pjit
+def gemv_f16(w, x, bias, out, chunk):
+    """w [N,K] uint16 binary16 bits; x [K] float32; bias [N] or [0]; out [N] float32."""
+    n_rows, k = w.shape
+    has_bias = bias.shape[0] == n_rows
+    for c in prange((n_rows + chunk - 1) // chunk):
+        for n in range(c * chunk, min(n_rows, (c + 1) * chunk)):
+            row = w[n]
+            acc = np.float32(0)
+            for j in range(k):
+                acc += half_bits_to_float(row[j]) * x[j]
+            out[n] = acc + bias[n] if has_bias else acc
+
+
+@fast_pjit
+def gemv_int8(q, scales, x, bias, out, chunk):
+    """q [N,K] int8; scales [N,K/32] float32; x [K] float32; out[n] = sum_k q[n,k] * x[k] * s[n,k/32].
+
+    Each product is scaled by its block's scale (one vector multiply per value, which LLVM keeps in
+    the vectorized loop) instead of scaling per-block partial sums: the same value up to rounding,
+    and about ten times faster here because the loop stays one flat vectorizable reduction.
+    """
+    n_rows, k = q.shape
+    has_bias = bias.shape[0] == n_rows
+    for c in prange((n_rows + chunk - 1) // chunk):
+        for n in range(c * chunk, min(n_rows, (c + 1) * chunk)):
+            row = q[n]
+            s = scales[n]
+            acc = np.float32(0)
+            for j in range(k):
+                acc += int8_to_float(row[j]) * x[j] * s[j >> 5]      # 32 values per scale
+            out[n] = acc + bias[n] if has_bias else acc
+
+
+@fast_pjit
+def widen_rows_bf16(w, r0, out):
+    """out[i] = float32 of bfloat16 row r0 + i of w [N,K] uint16 (exact), for i < out.shape[0]."""
+    for i in prange(out.shape[0]):
+        row = w[r0 + i]
+        dst = out[i]
+        for j in range(row.shape[0]):
+            dst[j] = bf16_bits_to_float(row[j])
+
+
+@fast_pjit
+def widen_rows_f16(w, r0, out):
+    """out[i] = float32 of binary16 row r0 + i of w [N,K] uint16 (exact), for i < out.shape[0]."""
+    for i in prange(out.shape[0]):
+        row = w[r0 + i]
+        dst = out[i]
+        for j in range(row.shape[0]):
+            dst[j] = half_bits_to_float(row[j])
+
+
+def rows_per_chunk(n_rows: int, threads: int) -> int:
+    """Output rows per parallel work item: about 8 items per thread, at least 16 rows."""
+    return max(16, -(-n_rows // (8 * max(1, threads))))
+
+
+def gemv(x, weight, bias, threads: int):
+    """``weight . x (+ bias)`` for one float32/float64 row ``x`` [K] (C-contiguous), or None when this
+    weight kind has no streaming kernel (the caller then takes the general path).
+
+    weight: a C-contiguous ndarray [N,K] (float32 / float64 equal to x's dtype, bfloat16, float16)
+    or an ``Int8Weight`` (float32 x only); bias: [N] in x's dtype, or None.
+    """
+    dt = x.dtype
+    values = getattr(weight, "values", None)
+    if values is not None and getattr(weight, "dtype", None) == "int8_block32":
+        if dt != np.float32 or values.ndim != 2 or not values.flags.c_contiguous:
+            return None
+        n = values.shape[0]
+        out = np.empty(n, dt)                                                   # [N]
+        gemv_int8(values, weight.scales, x, _bias(bias, dt), out, rows_per_chunk(n, threads))
+        return out
+    if not isinstance(weight, np.ndarray) or weight.ndim != 2 or not weight.flags.c_contiguous:
+        return None
+    n = weight.shape[0]
+    wd = weight.dtype
+    out = np.empty(n, dt)                                                       # [N]
+    if wd == dt:
+        gemv_float(weight, x, _bias(bias, dt), out, rows_per_chunk(n, threads), dt.type(0))
+    elif dt == np.float32 and wd.name == "bfloat16":
+        gemv_bf16(weight.view(np.uint16), x, _bias(bias, dt), out, rows_per_chunk(n, threads))
+    elif dt == np.float32 and wd == np.float16:
+        gemv_f16(weight.view(np.uint16), x, _bias(bias, dt), out, rows_per_chunk(n, threads))
+    else:
+        return None
+    return out
+
+
+_NO_BIAS = {np.dtype(np.float32): np.zeros(0, np.float32), np.dtype(np.float64): np.zeros(0, np.float64)}
+
+
+def _bias(bias, dtype) -> np.ndarray:
+    return _NO_BIAS[dtype] if bias is None else bias
