@@ -123,24 +123,66 @@ def _nbytes(a) -> int:
     return int(getattr(a, "nbytes", 0) or 0)
 
 
+def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
+    bounds = getattr(getattr(np.lib, "array_utils", np), "byte_bounds")
+    return bounds(a)
+
+
+def _pieces(a) -> list[np.ndarray] | None:
+    """The arrays holding ``a``'s bytes (itself; an Mxfp4Weight's blocks and scales; an int8 weight's
+    values and scales), or None when they do not add up to ``a.nbytes``."""
+    if isinstance(a, np.ndarray):
+        return [a]
+    arrays = [v for v in (getattr(a, n, None) for n in ("blocks", "scales", "values", "scale"))
+              if isinstance(v, np.ndarray)]
+    return arrays if arrays and sum(x.nbytes for x in arrays) == _nbytes(a) else None
+
+
+class _ByteSet:
+    """Bytes of a set of arrays, each memory range counted once (views of a fused weight, a tied head)."""
+
+    def __init__(self):
+        self.ranges: list[tuple[int, int]] = []
+        self.others: dict[int, int] = {}
+
+    def add(self, a) -> None:
+        pieces = _pieces(a)
+        if pieces is None:
+            self.others[id(a)] = _nbytes(a)
+            return
+        for p in pieces:
+            if p.size:
+                self.ranges.append(_byte_bounds(p))
+
+    def total(self) -> int:
+        n, end = 0, -1
+        for lo, hi in sorted(self.ranges):
+            if hi > end:
+                n += hi - max(lo, end)
+                end = hi
+        return n + sum(self.others.values())
+
+
 def weight_bytes_per_token(model) -> int:
-    """Weight bytes one decoded token reads: every tensor once, except the token and position tables
-    (one row; a tied head reads the whole table again as the output matrix) and the expert tensors
-    (``experts_*``: k of E experts, k/E of their bytes)."""
+    """Weight bytes one decoded token reads: every tensor once (a memory range shared by several
+    tensors, such as q/k/v views of a fused qkv weight, once), except the token and position tables
+    (one row each; a tied head reads the whole table again as the output matrix) and the expert
+    tensors (``experts_*``: k of E experts, k/E of their bytes)."""
     w, c = model.weights, model.config
+    dense, experts = _ByteSet(), _ByteSet()
     total = 0
     for table in (w.embed, w.pos_embed):
         if table is not None:
             total += _nbytes(table) // max(int(table.shape[0]), 1)
-    total += _nbytes(w.lm_head) + _nbytes(w.final_norm) + _nbytes(w.final_norm_bias)
+    for a in (w.lm_head, w.final_norm, w.final_norm_bias):
+        if a is not None:
+            dense.add(a)
     E, k = int(c.num_experts or 0), int(c.experts_per_token or 0)
     for layer in w.layers:
         for name, a in vars(layer).items():
-            if a is None:
-                continue
-            share = (k, E) if name.startswith("experts_") and E else (1, 1)
-            total += _nbytes(a) * share[0] // share[1]
-    return total
+            if a is not None:
+                (experts if name.startswith("experts_") and E else dense).add(a)
+    return total + dense.total() + (experts.total() * k // E if E else 0)
 
 
 def weight_dtypes(model) -> str:

@@ -225,3 +225,17 @@ def test_set_threads_and_bandwidth():
     assert env["OMP_NUM_THREADS"] == "3" and env["OPENBLAS_NUM_THREADS"] == "3"
     assert bench.set_threads(None, env)["set"] is False
     assert bench.memory_bandwidth(8 << 20, threads=2, repeats=1) > 1e8
+
+
+def test_bytes_per_token_counts_shared_memory_once():
+    import types
+
+    import numpy as np
+
+    fused = np.ones((12, 4), dtype=np.float32)                              # [q|k|v rows, D]
+    embed = np.ones((10, 4), dtype=np.float32)
+    layer = types.SimpleNamespace(wqkv=fused, wq=fused[:4], wk=fused[4:8], wv=fused[8:], attn_norm=np.ones(4))
+    w = types.SimpleNamespace(embed=embed, pos_embed=None, lm_head=embed, final_norm=np.ones(4, np.float32),
+                              final_norm_bias=None, layers=[layer])
+    model = types.SimpleNamespace(weights=w, config=types.SimpleNamespace(num_experts=0, experts_per_token=0))
+    assert bench.weight_bytes_per_token(model) == 16 + 160 + 16 + 192 + 32  # row, tied head, norm, qkv, norm
