@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
 from gptevo.backends.numba._common import as_compute, compute_dtype, dot, jit, pjit, prange, run_parallel
@@ -80,9 +81,14 @@ def softmax(x, sinks=None):
     return out.reshape(arr.shape)
 
 
-@pjit
-def _attention_kernel(q, k, v, qpos, kpos, window, sinks, has_sink, slopes, has_alibi, scale, out):
-    """q [T,H,Dh], k [S,G,Dh], v [S,G,Dv] (compute dtype); out [T,H,Dv]. window <= 0 means none."""
+def _attention_items(q, k, v, qpos, kpos, window, sinks, has_sink, slopes, has_alibi, scale, out, zero):
+    """q [T,H,Dh], k [S,G,Dh], v [S,G,Dv] (compute dtype, as ``zero``); out [T,H,Dv]. window <= 0: none.
+
+    One (query, head) item per loop iteration; q.k is summed in the compute dtype (vectorized),
+    the scaled scores, probabilities and the value sum are float64.
+    Compiled twice (below): parallel over items for large work, serial for decode-sized work where
+    starting a parallel region costs more than the attention itself.
+    """
     n_q, n_heads, head_dim = q.shape
     n_k, n_kv = k.shape[0], k.shape[1]
     dv = v.shape[2]
@@ -98,22 +104,33 @@ def _attention_kernel(q, k, v, qpos, kpos, window, sinks, has_sink, slopes, has_
         for s in range(n_k):
             ks = kpos[s]
             if ks >= 0 and ks <= qt and (window <= 0 or ks > qt - window):
-                score = dot(qrow, k[s, g], head_dim, 0.0) * scale
+                krow = k[s, g]                                    # [Dh]
+                acc = zero
+                for d in range(head_dim):
+                    acc += qrow[d] * krow[d]
+                score = float(acc) * scale
                 if has_alibi:
                     score -= slopes[h] * float(qt - ks)
                 scores[s] = score
             else:
                 scores[s] = -np.inf
         _softmax_row(scores, has_sink, sinks[h] if has_sink else 0.0, probs)
-        acc = np.zeros(dv)                                        # [Dv] float64
+        acc_v = np.zeros(dv)                                      # [Dv] float64
         for s in range(n_k):
             p = probs[s]
             if p != 0.0:
                 vrow = v[s, g]                                    # [Dv]
                 for d in range(dv):
-                    acc[d] += p * vrow[d]
+                    acc_v[d] += p * vrow[d]
         for d in range(dv):
-            out[t, h, d] = acc[d]
+            out[t, h, d] = acc_v[d]
+
+
+# Reassociation lets the dot products and the value sum vectorize (spec/backends.md, numerical policy).
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+_attention_parallel = numba.njit(_attention_items, cache=True, fastmath=_FAST, error_model="numpy", parallel=True)
+_attention_serial = numba.njit(_attention_items, cache=True, fastmath=_FAST, error_model="numpy")
+SERIAL_WORK = 1 << 21      # multiply-adds below which the serial kernel is faster (measured, decode shapes)
 
 
 def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=None, scale=None,
@@ -142,10 +159,11 @@ def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=No
     if alibi_slopes is not None:
         per_head["alibi_slopes"] = per_head["alibi_slopes"].astype(dtype).astype(np.float64)
     work = n_q * n_heads * n_k * (head_dim + v.shape[2])
-    run_parallel(_attention_kernel, work, as_compute(q, dtype, "attention: q"), as_compute(k, dtype, "attention: k"),
-                      as_compute(v, dtype, "attention: v"), qpos.astype(np.int64), kpos.astype(np.int64),
-                      0 if window is None else window, per_head["sinks"], sinks is not None,
-                      per_head["alibi_slopes"], alibi_slopes is not None, float(dtype.type(scale)), out)
+    kernel = _attention_serial if work < SERIAL_WORK else _attention_parallel
+    kernel(as_compute(q, dtype, "attention: q"), as_compute(k, dtype, "attention: k"),
+           as_compute(v, dtype, "attention: v"), qpos.astype(np.int64), kpos.astype(np.int64),
+           0 if window is None else window, per_head["sinks"], sinks is not None,
+           per_head["alibi_slopes"], alibi_slopes is not None, float(dtype.type(scale)), out, dtype.type(0))
     return out
 
 
