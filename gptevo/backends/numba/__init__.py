@@ -18,10 +18,16 @@ Notes per op (where a numba op is not a plain kernel):
   alibi_slopes: H numbers computed in plain Python (nothing to compile).
 - dropout is absent (training only; its random stream is the reference's by definition).
 - Small vectors (norm weights/biases, sinks, router logits, routing weights) are widened in the
-  wrapper. Kernels use ``cache=False, fastmath=False`` and compile on the first call of each dtype
-  combination (about 20 s for the whole conformance suite on 2 cores). The matrix and attention
-  kernels are parallel (``prange``) but take at most one thread per ~4M multiply-adds
-  (:func:`_common.run_parallel`): tiny decode-size regions run on one thread.
+  wrapper.
+- Decode (one input row): ``linear`` streams each weight kind through its own GEMV kernel
+  (:mod:`_gemv`: float32/float64, bf16, f16, int8 blocks) and ``moe_experts`` through the explicit
+  SIMD MXFP4 kernels (:mod:`_mxfp4_gemv`); these and attention use reassociating fast-math
+  (spec/backends.md, "Numerical policy"). Several rows: BLAS on float32 weights or on bounded
+  widened tiles of bf16/f16/int8 weights; other cases take :func:`_linear.grouped_gemm`.
+- Kernels are compiled on first use and cached on disk (``cache=True``: ``__pycache__`` next to the
+  sources, or numba's user cache directory when that is read-only), so a second process starts
+  without compiling. :func:`prepare_weights` (the load-time hook) fuses q|k|v and gate|up and makes
+  mapped weight pages resident.
 """
 from __future__ import annotations
 

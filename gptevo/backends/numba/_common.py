@@ -1,8 +1,9 @@
 """Shared pieces of the numba backend: the jit decorators, a dot product, and input checks.
 
-Every kernel is compiled with ``cache=False`` (cache directories may be read-only in CI) and
-``fastmath=False`` (IEEE semantics: no reassociation, no flush-to-zero), so results differ from the
-NumPy reference only by summation order. The dot product keeps eight independent accumulators,
+The general kernels here are compiled with ``cache=True`` (cached on disk; numba falls back to its
+user cache directory where the package directory is read-only) and ``fastmath=False`` (IEEE
+semantics), so results differ from the NumPy reference only by summation order. The decode
+kernels (_gemv, _mxfp4_gemv, attention) reassociate reductions, as spec/backends.md allows. The dot product keeps eight independent accumulators,
 which gives the CPU independent chains to overlap without needing fastmath.
 """
 from __future__ import annotations
