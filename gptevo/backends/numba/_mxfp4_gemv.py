@@ -53,7 +53,7 @@ from gptevo.errors import RequestError
 from gptevo.ops.mxfp4 import FP4_VALUES, SCALE_BIAS, SCALE_NAN
 
 MODES = ("exact", "int8")
-EXACT_VARIANTS = ("avx512", "portable")
+EXACT_VARIANTS = ("avx512", "avx512-zext", "portable")
 INT8_VARIANTS = ("avx512-vnni", "avx512-bw")
 
 _OPTS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
@@ -76,6 +76,7 @@ for _lane in range(4):
     for _m in range(4):
         _SMASK[16 * _lane + 4 * _m] = _lane
 INT8_CONST = np.concatenate([_LUT, _SMASK, np.full(64, 0x0F, np.uint8)])    # [192]
+SCALE_SHUFFLE = _SMASK.copy()                                                # [64]
 
 
 # --- feature detection ----------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def host_variants(mode: str = "exact") -> tuple:
         if _simd.has_avx512():
             out.append("avx512-bw")
         return tuple(out)
-    return ("avx512", "portable") if _simd.has_avx512() else ("portable",)
+    return ("avx512", "avx512-zext", "portable") if _simd.has_avx512() else ("portable",)
 
 
 # --- exact mode -------------------------------------------------------------------------------------
@@ -121,21 +122,77 @@ def _row_exact_avx512(blocks, boff, scales, soff, xe, xoff, xo, n_blocks, table,
     return hsum(vadd(acc0, acc1))
 
 
+@kjit
+def _block_exact(blocks, boff, scales, soff, xe, xo, xoff, g, t, powers, acc0, acc1):
+    """(acc0, acc1) plus block g's even and odd products with the exactly decoded weights."""
+    ts = vmul(t, f32x16_bcast(powers[scales[soff + g]]))         # the block's 16 decoded values
+    idx = load_u8x16_zext(blocks, boff + 16 * g)                  # 16 bytes -> 16 dwords
+    acc0 = vfma(permps(ts, idx), load_f32x16(xe, xoff + 16 * g), acc0)            # elements 2j
+    acc1 = vfma(permps(ts, isrl(idx, 4)), load_f32x16(xo, xoff + 16 * g), acc1)   # elements 2j+1
+    return acc0, acc1
+
+
+@kjit
+def _row_exact_avx512_shift(blocks, boff, scales, soff, xp, xpoff, xe, xo, xoff, n_blocks, table, powers, smask):
+    """x . W-row, 4 blocks (64 bytes) per step without zero-extension: dword lane l holds 8 codes
+    (bytes 4l..4l+3, all of block l//4); shifting it by 4m puts code m in the low 4 bits vpermps
+    reads, and x arrives permuted to match (xp, see _split_exact). The 8 products per lane are
+    summed with the undecoded E2M1 values and multiplied by the block's power of two once (exact
+    scaling); groups with a scale byte 0 (subnormal 2**-127) or >= 253 (overflow, NaN) take the
+    per-block path, which multiplies the decoded weights, as the reference does."""
+    acc0 = f32x16_zero()
+    acc1 = f32x16_zero()
+    t = load_f32x16(table, 0)
+    sm = load_i32x16(smask, 0)
+    for q in range(n_blocks // 4):
+        s0 = scales[soff + 4 * q]
+        s1 = scales[soff + 4 * q + 1]
+        s2 = scales[soff + 4 * q + 2]
+        s3 = scales[soff + 4 * q + 3]
+        if min(min(s0, s1), min(s2, s3)) == 0 or max(max(s0, s1), max(s2, s3)) >= 253:
+            for g in range(4 * q, 4 * q + 4):
+                acc0, acc1 = _block_exact(blocks, boff, scales, soff, xe, xo, xoff, g, t, powers, acc0, acc1)
+            continue
+        w = load_i32x16(blocks, boff + 64 * q)
+        xb = xpoff + 128 * q
+        p0 = vmul(permps(t, w), load_f32x16(xp, xb))
+        p1 = vmul(permps(t, isrl(w, 4)), load_f32x16(xp, xb + 16))
+        p0 = vfma(permps(t, isrl(w, 8)), load_f32x16(xp, xb + 32), p0)
+        p1 = vfma(permps(t, isrl(w, 12)), load_f32x16(xp, xb + 48), p1)
+        p0 = vfma(permps(t, isrl(w, 16)), load_f32x16(xp, xb + 64), p0)
+        p1 = vfma(permps(t, isrl(w, 20)), load_f32x16(xp, xb + 80), p1)
+        p0 = vfma(permps(t, isrl(w, 24)), load_f32x16(xp, xb + 96), p0)
+        p1 = vfma(permps(t, isrl(w, 28)), load_f32x16(xp, xb + 112), p1)
+        sv = bits_to_f32(isll(pshufb(load_u8x4_bcast(scales, soff + 4 * q), sm), 23))   # 2**(s-127) per lane
+        if q % 2 == 0:
+            acc0 = vfma(vadd(p0, p1), sv, acc0)
+        else:
+            acc1 = vfma(vadd(p0, p1), sv, acc1)
+    for g in range(n_blocks - n_blocks % 4, n_blocks):
+        acc0, acc1 = _block_exact(blocks, boff, scales, soff, xe, xo, xoff, g, t, powers, acc0, acc1)
+    return hsum(vadd(acc0, acc1))
+
+
 @kpjit
-def _gemv_exact_avx512(blocks, scales, experts, xe, xo, x_stride, out, bias, has_bias, n_rows, n_blocks,
-                       chunk, table, powers):
+def _gemv_exact_avx512(blocks, scales, experts, xp, xe, xo, per_row, out, bias, has_bias, n_rows, n_blocks,
+                       chunk, table, powers, smask, shift):
     n_u, n_out = out.shape
     n_chunks = (n_out + chunk - 1) // chunk
+    xp_stride = 128 * (n_blocks // 4)
     for item in prange(n_u * n_chunks):
         u = item // n_chunks
         lo = (item % n_chunks) * chunk
         hi = min(n_out, lo + chunk)
         e = experts[u]
-        xoff = u * x_stride
+        m = u if per_row else 0
         for n in range(lo, hi):
             row = e * n_rows + n
-            y = _row_exact_avx512(blocks, row * n_blocks * 16, scales, row * n_blocks, xe, xoff, xo, n_blocks,
-                                  table, powers)
+            if shift:
+                y = _row_exact_avx512_shift(blocks, row * n_blocks * 16, scales, row * n_blocks, xp, m * xp_stride,
+                                            xe, xo, m * n_blocks * 16, n_blocks, table, powers, smask)
+            else:
+                y = _row_exact_avx512(blocks, row * n_blocks * 16, scales, row * n_blocks, xe, m * n_blocks * 16, xo,
+                                      n_blocks, table, powers)
             out[u, n] = y + bias[e, n] if has_bias else y
 
 
@@ -177,13 +234,22 @@ def _gemv_exact_portable(blocks, scales, experts, x, x_stride, out, bias, has_bi
 
 
 @kjit
-def _split_even_odd(x, xe, xo):
-    """x [M, K] -> xe, xo [M * K/2]: per block of 32, its 16 even and its 16 odd elements."""
+def _split_exact(x, xe, xo, xp):
+    """x [M, K] -> per row: xe, xo [K/2] (per block of 32, its 16 even and 16 odd elements) and
+    xp [128 * (K/128)] (per group q of 4 blocks, 8 vectors m of 16 lanes l:
+    xp[128q + 16m + l] = x[128q + 32(l//4) + 8(l%4) + m], the element vpermps finds in lane l after
+    a shift by 4m)."""
     half = x.shape[1] // 2
-    for m in range(x.shape[0]):
+    n_groups = x.shape[1] // 128
+    for r in range(x.shape[0]):
         for j in range(half):
-            xe[m * half + j] = x[m, 2 * j]
-            xo[m * half + j] = x[m, 2 * j + 1]
+            xe[r * half + j] = x[r, 2 * j]
+            xo[r * half + j] = x[r, 2 * j + 1]
+        for q in range(n_groups):
+            for mm in range(8):
+                for lane in range(16):
+                    xp[r * 128 * n_groups + 128 * q + 16 * mm + lane] = \
+                        x[r, 128 * q + 32 * (lane // 4) + 8 * (lane % 4) + mm]
 
 
 # --- int8 mode --------------------------------------------------------------------------------------
@@ -421,15 +487,17 @@ def mxfp4_gemv(blocks, scales, experts, x, out=None, mode="exact", bias=None, va
     if variant in INT8_VARIANTS:
         variant = None
     variant = variant or default_variant("exact")
-    x_stride = k if x.shape[0] > 1 else 0
-    if variant == "avx512":
+    x_stride = k if per_row else 0
+    if variant in ("avx512", "avx512-zext"):
         if not _simd.has_avx512():
-            raise RequestError("mxfp4_gemv: variant 'avx512' needs AVX-512 F/BW, which this host lacks")
-        xe = np.empty(x.size // 2, np.float32)
-        xo = np.empty(x.size // 2, np.float32)
-        _split_even_odd(x, xe, xo)
-        _gemv_exact_avx512(bflat, sflat, experts, xe, xo, x_stride // 2, out, b, has_bias, n_rows, n_blocks, chunk,
-                           VALUES_F32, POWERS_F32)
+            raise RequestError(f"mxfp4_gemv: variant {variant!r} needs AVX-512 F/BW, which this host lacks")
+        m = x.shape[0]
+        xe = np.empty(m * k // 2, np.float32)
+        xo = np.empty(m * k // 2, np.float32)
+        xp = np.empty(m * 128 * (n_blocks // 4), np.float32)
+        _split_exact(x, xe, xo, xp)
+        _gemv_exact_avx512(bflat, sflat, experts, xp, xe, xo, per_row, out, b, has_bias, n_rows, n_blocks, chunk,
+                           VALUES_F32, POWERS_F32, SCALE_SHUFFLE, variant == "avx512")
     elif variant == "portable":
         _gemv_exact_portable(bflat, sflat, experts, x.reshape(-1), x_stride, out, b, has_bias, n_rows, n_blocks,
                              chunk, VALUES_F32, POWERS_F32)
