@@ -25,6 +25,7 @@ entry point when NumPy's OpenBLAS is already loaded. ``--weights`` is passed to 
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import resource
@@ -276,7 +277,8 @@ def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, promp
         "bandwidth_probe": f"NumPy dot, {bandwidth_mib} MiB, {n_threads} threads, best of 3",
         "roofline_fraction": bpt * dec["tok_s"] / bw, "llama": None,
     }
-    del model
+    del model                                   # unmap the weights before llama-bench maps its own
+    gc.collect()
     if llama_bench is not None:
         result["llama"] = run_llama(llama_bench, gguf, tokens, prompt_tokens, n_threads, llama_repeats, bw, log)
     return result

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import signal
 import struct
 import subprocess
 
@@ -58,8 +59,14 @@ def run_llama_bench(binary: str, gguf: str, *, n_prompt: int, n_gen: int, thread
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"command": cmd, "error": f"{type(exc).__name__}: {exc}"}
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"command": cmd, "error": f"exit status {proc.returncode}: {' | '.join(tail)}"}
+        tail = " | ".join((proc.stderr or proc.stdout or "").strip().splitlines()[-3:])
+        how = f"exit status {proc.returncode}"
+        if proc.returncode < 0:
+            try:
+                how = f"killed by {signal.Signals(-proc.returncode).name}"
+            except ValueError:
+                how = f"killed by signal {-proc.returncode}"
+        return {"command": cmd, "error": how + (f": {tail}" if tail else "")}
     try:
         return {"command": cmd, "rows": parse_llama_bench_json(proc.stdout, binary)}
     except FormatError as exc:

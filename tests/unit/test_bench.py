@@ -239,3 +239,11 @@ def test_bytes_per_token_counts_shared_memory_once():
                               final_norm_bias=None, layers=[layer])
     model = types.SimpleNamespace(weights=w, config=types.SimpleNamespace(num_experts=0, experts_per_token=0))
     assert bench.weight_bytes_per_token(model) == 16 + 160 + 16 + 192 + 32  # row, tied head, norm, qkv, norm
+
+
+def test_llama_bench_killed_by_a_signal(tmp_path):
+    script = tmp_path / "crash"
+    script.write_text(f"#!{sys.executable}\nimport os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    script.chmod(0o755)
+    r = bench_llama.run_llama_bench(str(script), "x.gguf", n_prompt=0, n_gen=4, threads=1)
+    assert r["error"] == "killed by SIGSEGV" and "-o" in r["command"]
