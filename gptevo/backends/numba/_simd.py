@@ -176,6 +176,20 @@ def load_u8x4_bcast(typingctx, arr, byte_offset):
 
 
 @intrinsic
+def load_u32(typingctx, arr, byte_offset):
+    """4 bytes at ``byte_offset`` as an unsigned 32-bit integer (little-endian), returned as int64."""
+    sig = types.int64(arr, byte_offset)
+
+    def codegen(context, builder, sig, args):
+        idx = _index(context, builder, sig.args[1], args[1])
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        data = builder.bitcast(a.data, _I8.as_pointer())
+        p = builder.bitcast(builder.gep(data, [idx], source_etype=_I8), _I32.as_pointer())
+        return builder.zext(builder.load(p, align=1, typ=_I32), _I64)
+    return sig, codegen
+
+
+@intrinsic
 def f32x16_zero(typingctx):
     sig = f32x16()
 
