@@ -14,7 +14,7 @@ One run measures, in this order:
    of 3 passes (:func:`memory_bandwidth`);
 6. roofline fraction = bytes/token x tok/s / bandwidth;
 7. with ``--llama-bench PATH --gguf FILE``: ``PATH -m FILE -p 0 -n N -t T -r 3 -o json`` and
-   ``-p P -n 0`` (see gptevo.bench_llama), the bytes per token of the GGUF, and llama-bench's peak RSS
+   ``-p P -n 0``, plus ``--llama-args`` (see gptevo.bench_llama), the bytes per token of the GGUF, and llama-bench's peak RSS
    (``RUSAGE_CHILDREN``); both engines side by side in one table.
 
 ``--threads N`` sets NUMBA_NUM_THREADS / OMP / OpenBLAS / MKL thread counts in the environment before
@@ -29,6 +29,7 @@ import gc
 import json
 import os
 import resource
+import shlex
 import sys
 import threading
 import time
@@ -234,7 +235,8 @@ def measure_prefill(model, tokens: int, seed: int = 0) -> dict | None:
 
 # -- the run ---------------------------------------------------------------------------------------
 def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, prompt_tokens=512, warmup=3,
-        bandwidth_mib=1024, llama_bench=None, gguf=None, llama_repeats=3, env=None, log=None) -> dict:
+        bandwidth_mib=1024, llama_bench=None, gguf=None, llama_repeats=3, llama_args=(), env=None,
+        log=None) -> dict:
     """Measure everything (see the module doc); returns the result dict that ``--json`` prints."""
     import gptevo
     from gptevo import bench_llama
@@ -280,22 +282,23 @@ def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, promp
     del model                                   # unmap the weights before llama-bench maps its own
     gc.collect()
     if llama_bench is not None:
-        result["llama"] = run_llama(llama_bench, gguf, tokens, prompt_tokens, n_threads, llama_repeats, bw, log)
+        result["llama"] = run_llama(llama_bench, gguf, tokens, prompt_tokens, n_threads, llama_repeats, bw, log,
+                                    tuple(llama_args))
     return result
 
 
-def run_llama(binary, gguf, tokens, prompt_tokens, threads, repeats, bw, log) -> dict:
+def run_llama(binary, gguf, tokens, prompt_tokens, threads, repeats, bw, log, extra=()) -> dict:
     from gptevo import bench_llama
 
     log(f"llama-bench: decode {tokens} tokens ...")
     dec = bench_llama.summarize(bench_llama.run_llama_bench(binary, gguf, n_prompt=0, n_gen=tokens,
-                                                            threads=threads, repeats=repeats))
+                                                            threads=threads, repeats=repeats, extra=extra))
     pre = None
     if prompt_tokens > 0:
         log(f"llama-bench: prefill {prompt_tokens} tokens ...")
         pre = bench_llama.summarize(bench_llama.run_llama_bench(binary, gguf, n_prompt=prompt_tokens, n_gen=0,
-                                                                threads=threads, repeats=repeats))
-    out = {"binary": binary, "gguf": gguf, "decode": dec, "prefill": pre,
+                                                                threads=threads, repeats=repeats, extra=extra))
+    out = {"binary": binary, "gguf": gguf, "args": list(extra), "decode": dec, "prefill": pre,
            "peak_rss_bytes": peak_rss(resource.RUSAGE_CHILDREN)}
     try:
         out.update(bench_llama.gguf_bytes_per_token(gguf))
@@ -374,6 +377,8 @@ def add_subparser(sub, env) -> None:
     b.add_argument("--bandwidth-mib", type=int, default=1024, help="bandwidth probe buffer (default 1024 MiB)")
     b.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench binary")
     b.add_argument("--gguf", default=None, metavar="FILE", help="the same model as GGUF, for --llama-bench")
+    b.add_argument("--llama-args", default="", metavar="ARGS",
+                   help="extra llama-bench arguments for both runs, e.g. '--repack 0'")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
 
@@ -388,6 +393,7 @@ def cmd_bench(args, env, stdin, out, err) -> int:
 
     r = run(args.model_dir, backend=args.backend, weights=args.weights, threads=args.threads,
             tokens=args.tokens, prompt_tokens=args.prompt_tokens, warmup=args.warmup,
-            bandwidth_mib=args.bandwidth_mib, llama_bench=args.llama_bench, gguf=args.gguf, env=env, log=log)
+            bandwidth_mib=args.bandwidth_mib, llama_bench=args.llama_bench, gguf=args.gguf,
+            llama_args=shlex.split(args.llama_args), env=env, log=log)
     out.write(json.dumps(r, indent=2) + "\n" if args.json else format_table(r))
     return 0

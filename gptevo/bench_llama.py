@@ -49,11 +49,11 @@ def parse_llama_bench_json(text: str, source: str = "llama-bench") -> list[dict]
 
 
 def run_llama_bench(binary: str, gguf: str, *, n_prompt: int, n_gen: int, threads: int, repeats: int = 3,
-                    timeout: float = 3600.0) -> dict:
-    """One ``llama-bench`` run; returns ``{"command", "rows"}`` or ``{"command", "error"}`` (never raises
-    for a failing run, so gptevo's own figures are still printed)."""
+                    extra: tuple[str, ...] = (), timeout: float = 3600.0) -> dict:
+    """One ``llama-bench`` run (``extra`` arguments appended); returns ``{"command", "rows"}`` or
+    ``{"command", "error"}`` (never raises for a failing run, so gptevo's own figures are still printed)."""
     cmd = [binary, "-m", gguf, "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads), "-r", str(repeats),
-           "-o", "json"]
+           "-o", "json", *extra]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:

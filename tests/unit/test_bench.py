@@ -89,7 +89,7 @@ FAKE = r'''#!{python}
 import json, sys
 a = sys.argv
 p, n, t = int(a[a.index("-p") + 1]), int(a[a.index("-n") + 1]), int(a[a.index("-t") + 1])
-assert a[a.index("-o") + 1] == "json" and a[a.index("-r") + 1] == "3"
+assert a[a.index("-o") + 1] == "json" and a[a.index("-r") + 1] == "3" and a[-2:] == ["--repack", "0"]
 if {fail}:
     sys.stderr.write("error: failed to load model\n"); sys.exit(1)
 print("main: some log line before the JSON")
@@ -155,7 +155,7 @@ def test_side_by_side_with_fake_llama_bench(models, tmp_path):
     gguf = write_gguf(tmp_path / "tiny.gguf", [("general.architecture", 8, "gpt2")],
                       [("token_embd.weight", (64, 257), 64 * 257 * 4)])
     args = ["bench", str(models["gpt2-124m"]), *FAST,
-            "--llama-bench", fake_llama(tmp_path), "--gguf", str(gguf)]
+            "--llama-bench", fake_llama(tmp_path), "--gguf", str(gguf), "--llama-args", "--repack 0"]
     rc, out, err = run(args + ["--json"])
     assert rc == 0, err
     r = json.loads(out)
@@ -175,7 +175,7 @@ def test_side_by_side_with_fake_llama_bench(models, tmp_path):
 def test_failing_llama_bench_still_prints_ours(models, tmp_path):
     gguf = write_gguf(tmp_path / "x.gguf", [], [])
     rc, out, err = run(["bench", str(models["gpt2-124m"]), *FAST, "--llama-bench", fake_llama(tmp_path, fail=True),
-                        "--gguf", str(gguf)])
+                        "--gguf", str(gguf), "--llama-args=--repack 0"])
     assert rc == 0, err
     assert "llama-bench decode failed: exit status 1: error: failed to load model" in out
 
