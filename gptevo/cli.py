@@ -29,6 +29,7 @@ a traceback), 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -67,9 +68,10 @@ def _dir_size(path: str) -> int:
     return total
 
 
-def load_model(path: str, backend, err=None):
+def load_model(path: str, backend, err=None, weights: str = "stored"):
     """``gptevo.load`` with a status line on stderr when it is a terminal (loading is memory-mapped,
-    so the line covers the header checks and the lazy weight setup)."""
+    so the line covers the header checks and the weight preparation), naming the backend chosen;
+    the first compilation of the numba kernels on this machine adds one line saying so."""
     from gptevo.model import load
 
     err = err or sys.stderr
@@ -77,13 +79,37 @@ def load_model(path: str, backend, err=None):
     if show:
         err.write(f"loading {path} ({human_bytes(_dir_size(path))}) ...")
         err.flush()
+        announce_compilation(err)
     start = time.perf_counter()
-    model = load(path, backend=backend)
+    model = load(path, backend=backend, weights=weights)
     if show:
         name = getattr(getattr(model, "backend", None), "name", "?")
-        err.write(f" done in {time.perf_counter() - start:.1f}s on backend {name!r}\n")
+        mode = "" if weights == "stored" else f", {weights} weights"
+        err.write(f" done in {time.perf_counter() - start:.1f}s on backend {name!r}{mode}\n")
         err.flush()
     return model
+
+
+def announce_compilation(err) -> None:
+    """Print "compiling kernels, once per machine" on ``err`` at numba's first compilation in this
+    process (numba's compile events); nothing when numba is not loaded or every kernel is cached."""
+    if "numba" not in sys.modules and importlib.util.find_spec("numba") is None:
+        return
+    from numba.core import event
+
+    class _FirstCompile(event.Listener):
+        said = False
+
+        def on_start(self, ev):
+            if not self.said:
+                self.said = True
+                err.write("\ncompiling kernels, once per machine (cached for later runs) ...")
+                err.flush()
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", _FirstCompile())
 
 
 def attach_tokenizer(model, env):
@@ -133,7 +159,7 @@ def cmd_generate(args, env, stdin, out, err) -> int:
     from gptevo.generation import generate
 
     prompt = _read_prompt(args, stdin)
-    model = load_model(args.model or bundled_model_dir(), args.backend, err)
+    model = load_model(args.model or bundled_model_dir(), args.backend, err, weights=args.weights)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed)
     if args.ids:
@@ -167,7 +193,7 @@ def cmd_chat(args, env, stdin, out, err) -> int:
     from gptevo.generation import (check_max_new_tokens, check_sampling, fit_context, text_pieces,
                                    token_stream)
 
-    model = load_model(args.model or bundled_model_dir(), args.backend, err)
+    model = load_model(args.model or bundled_model_dir(), args.backend, err, weights=args.weights)
     tok = attach_tokenizer(model, env)
     cfg = model.config
     # the history is left-truncated to fit; keep at least half of the context for it
@@ -314,7 +340,11 @@ def build_parser(env) -> argparse.ArgumentParser:
         sp.add_argument("--model", help="model directory (default: the bundled Austen model)")
         if backend:
             sp.add_argument("--backend", default=env.get("GPTEVO_BACKEND") or None,
-                            help="reference, numba, cupy, ... (default: $GPTEVO_BACKEND, else the best available)")
+                            help="reference (exact), numba, cupy, ... (default: $GPTEVO_BACKEND, else numba "
+                                 "when installed, else reference)")
+            sp.add_argument("--weights", choices=("stored", "int8"), default="stored",
+                            help="stored: every tensor in its stored dtype (exact, default); int8: dense "
+                                 "matrices as blockwise int8 (faster, approximate; spec/ops/int8.md)")
 
     def sampling_flags(sp, max_new):
         sp.add_argument("--max-new-tokens", type=int, default=max_new)

@@ -49,7 +49,7 @@ def use_model(monkeypatch):
     calls = []
 
     def install(model):
-        def fake_load(path, backend, err=None):
+        def fake_load(path, backend, err=None, weights="stored"):
             calls.append((path, backend))
             return model
         monkeypatch.setattr(cli, "load_model", fake_load)
@@ -221,3 +221,19 @@ def test_bundled_info_and_chat():
     assert rc == 0 and info["family"] == "gpt_oss" and info["parameters_active"] < info["parameters_total"]
     rc, out, err = run(["chat", "--max-new-tokens", "4", "--seed", "0"], stdin="Mr. Darcy\n")
     assert rc == 0 and "not chat-trained" in err and out.endswith("\n")
+
+
+def test_weights_flag_reaches_load(monkeypatch, capsys):
+    import gptevo.model
+
+    seen = []
+
+    def fake_load(path, backend=None, weights="stored", **kw):
+        seen.append(weights)
+        raise gptevo.GptevoError("stop here")
+
+    monkeypatch.setattr(gptevo.model, "load", fake_load)
+    rc, _, err = run(["generate", "--weights", "int8", "--ids", "1 2"])
+    assert seen == ["int8"] and rc == 2 and "stop here" in err
+    rc, _, _ = run(["generate", "--weights", "int4", "--ids", "1 2"])
+    assert rc == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
