@@ -156,6 +156,19 @@ def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activatio
         return _moe_decode_mxfp4(as_compute(x_arr, dtype, "moe_experts: x"),
                                  as_compute(w_arr, dtype, "moe_experts: weights"), ids_arr.astype(np.int64), w_gate_up, w_down, b_gu if has_b_gu else None,
                                  b_dn if has_b_dn else None, act == "clamped_swiglu", alpha, limit)
+    if n_t > 1 and dtype == np.float32 and is_mxfp4(w_gate_up) and is_mxfp4(w_down) and _decode_kernels_ok():
+        from gptevo.backends.numba import _mxfp4_gemv as mg
+        from gptevo.backends.numba._moe_grouped import moe_grouped_mxfp4
+
+        mode = mg.weight_mode(w_gate_up, w_down)
+        clamped = act == "clamped_swiglu"
+        return moe_grouped_mxfp4(
+            as_compute(x_arr, dtype, "moe_experts: x"), as_compute(w_arr, dtype, "moe_experts: weights"),
+            ids_arr.astype(np.int64), w_gate_up, w_down, b_gu if has_b_gu else None, b_dn if has_b_dn else None,
+            activate=lambda h, a: _expert_activation(h, clamped, alpha, limit, a),
+            combine=_combine_kernel,
+            gemv=lambda blocks, scales, experts, xr, bias: mg.mxfp4_gemv(blocks, scales, experts, xr, mode=mode,
+                                                                         bias=bias))
     flat = ids_arr.reshape(-1).astype(np.int64)                             # [T*k] expert of each pair
     order = np.argsort(flat, kind="stable")                                 # pairs grouped by expert
     experts, counts = np.unique(flat[order], return_counts=True)            # [U], [U]

@@ -1,0 +1,59 @@
+"""numba moe_experts for several tokens with MXFP4 experts (the grouped GEMM) vs the reference:
+experts decoded into tiles for large groups, the streaming GEMV for small ones, both in one call."""
+import numpy as np
+import pytest
+
+from gptevo import backends
+from gptevo.ops.moe import moe_experts as reference_moe
+from gptevo.ops.mxfp4 import Mxfp4Weight
+
+pytestmark = pytest.mark.skipif("numba" not in backends.available(), reason="numba is not installed")
+
+
+def _mxfp4(rng, *shape, scale_lo=118, scale_hi=126):
+    *lead, k = shape
+    return Mxfp4Weight(rng.integers(0, 256, (*lead, k // 32, 16), dtype=np.uint8),
+                       rng.integers(scale_lo, scale_hi, (*lead, k // 32), dtype=np.uint8), name="w")
+
+
+def _error(got, want):
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1.0))
+
+
+@pytest.mark.parametrize("n_tokens,n_experts,k", [(2, 4, 2), (9, 4, 2), (33, 8, 4), (300, 6, 3)])
+@pytest.mark.parametrize("activation", ["clamped_swiglu", "swiglu"])
+def test_grouped_equals_reference(n_tokens, n_experts, k, activation):
+    from gptevo.backends.numba import _moe_grouped
+    rng = np.random.default_rng(n_tokens * 7 + k)
+    d, i = 96, 64
+    x = rng.standard_normal((n_tokens, d)).astype(np.float32)
+    ids = np.stack([rng.permutation(n_experts)[:k] for _ in range(n_tokens)]).astype(np.int64)
+    if n_tokens == 33:
+        ids[:, 0] = 5                    # one expert in every token: a large group beside small ones
+    w = rng.random((n_tokens, k)).astype(np.float32)
+    kw = dict(x=x, weights=w, ids=ids, w_gate_up=_mxfp4(rng, n_experts, 2 * i, d),
+              b_gate_up=rng.standard_normal((n_experts, 2 * i)).astype(np.float32),
+              w_down=_mxfp4(rng, n_experts, d, i), b_down=rng.standard_normal((n_experts, d)).astype(np.float32),
+              activation=activation)
+    got = backends.get("numba").moe_experts(**kw)
+    want = reference_moe(**kw)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert _error(got, want) < 1e-5
+    counts = np.bincount(ids.ravel(), minlength=n_experts)
+    if n_tokens >= 33:
+        assert counts.max() >= _moe_grouped.TILE_MIN_ROWS        # the tile path ran
+    if n_tokens <= 9:
+        assert counts.min() < _moe_grouped.TILE_MIN_ROWS         # the streaming path ran
+
+
+def test_scale_extremes_keep_the_reference_infinities_and_nans():
+    rng = np.random.default_rng(1)
+    n_t, n_e, k, d, i = 12, 2, 2, 64, 32
+    gu = _mxfp4(rng, n_e, 2 * i, d)
+    gu.scales[1, 3, 0] = 255                                  # a NaN block in expert 1
+    kw = dict(x=rng.standard_normal((n_t, d)).astype(np.float32), weights=np.full((n_t, k), 0.5, np.float32),
+              ids=np.tile(np.array([[0, 1]]), (n_t, 1)), w_gate_up=gu, b_gate_up=None,
+              w_down=_mxfp4(rng, n_e, d, i), b_down=None, activation="swiglu")
+    got = backends.get("numba").moe_experts(**kw)
+    want = reference_moe(**kw)
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(want).any()
