@@ -146,7 +146,7 @@ class Model:
         if weights == "int8":
             quantize_dense(stored)
         if backend.prepare_weights is not None:
-            stored = backend.prepare_weights(stored, config)
+            stored = backend.prepare_weights(stored, config, weights)
         unused = set(checkpoint.names()) - layout.used_names()
         model = cls(config, stored, backend, path=path, unused_tensors=unused, dtype=dtype, checkpoint=checkpoint)
         model.weight_mode = weights

@@ -50,8 +50,9 @@ class MissingOpError(BackendError, AttributeError):
 class Backend:
     """A loaded backend: ``backend.rms_norm(...)`` calls that backend's implementation.
 
-    ``prepare_weights(weights, config) -> weights`` is the backend module's optional load-time hook
-    (fused projections, resident pages, its own layouts; see gptevo.prepare); None when absent.
+    ``prepare_weights(weights, config, mode) -> weights`` is the backend module's optional load-time
+    hook (fused projections, resident pages, its own layouts; see gptevo.prepare); ``mode`` is the
+    load's weight mode ("stored" or "int8"). None when absent.
     """
 
     def __init__(self, name: str, ops: Mapping[str, Callable], prepare_weights: Callable | None = None):

@@ -88,3 +88,14 @@ def test_int8_fused_weights_are_counted_once():
     fuse_projections(m.weights)
     assert isinstance(m.weights.layers[0].wqkv, Int8Weight)
     assert m.weights.nbytes() == before
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
+def test_numba_int8_mode_marks_experts_for_int8_activations(reference):
+    m = gptevo.load(BUNDLED, backend="numba", weights="int8")
+    experts = m.weights.layers[0].experts_gate_up
+    assert getattr(experts, "mode", None) == "int8"
+    cache = m.new_cache(16)
+    got = np.concatenate([m.forward(IDS[:5], cache)] + [m.forward([t], cache) for t in IDS[5:]])
+    want = reference.logits(IDS)
+    assert 0 < _rel(got, want) < 0.05 and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75

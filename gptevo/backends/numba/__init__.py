@@ -41,13 +41,22 @@ except Exception as exc:  # numba missing or broken: the registry reports probe(
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
-def prepare_weights(weights, config):
+def prepare_weights(weights, config, mode="stored"):
     """Load-time preparation for this backend: q|k|v and gate|up fused into one matrix each (one
-    streaming call instead of three), and the memory-mapped weights' pages mapped now, so decode
-    steps take no page faults (gptevo.prepare)."""
+    streaming call instead of three), MXFP4 experts marked for the int8-activation decode kernel
+    when ``mode == "int8"`` (the opt-in 8-bit mode), and the memory-mapped weights' pages mapped
+    now, so decode steps take no page faults (gptevo.prepare)."""
     from gptevo.prepare import fuse_projections, populate
 
     fuse_projections(weights)
+    if mode == "int8":
+        from gptevo.backends.numba._mxfp4_gemv import prepare
+
+        for layer in weights.layers:
+            for name in ("experts_gate_up", "experts_down"):
+                w = getattr(layer, name)
+                if getattr(w, "dtype", None) == "mxfp4":
+                    setattr(layer, name, prepare(w, mode="int8", copy=False))
     populate(weights)
     return weights
 
