@@ -3,8 +3,9 @@
 The general kernels here are compiled with ``cache=True`` (cached on disk; numba falls back to its
 user cache directory where the package directory is read-only) and ``fastmath=False`` (IEEE
 semantics), so results differ from the NumPy reference only by summation order. The decode
-kernels (_gemv, _mxfp4_gemv, attention) reassociate reductions, as spec/backends.md allows. The dot product keeps eight independent accumulators,
-which gives the CPU independent chains to overlap without needing fastmath.
+kernels (_gemv, _mxfp4_gemv, attention) reassociate reductions, as spec/backends.md allows.
+The dot product keeps eight independent accumulators, which gives the CPU independent chains to
+overlap without needing fastmath.
 """
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from gptevo.errors import RequestError
 
 jit = numba.njit(cache=True, fastmath=False, error_model="numpy")
 pjit = numba.njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+# Kernels that take other jitted functions as arguments (the row loaders of grouped_gemm) cannot be
+# cached: numba keys them by the function objects, and saving them can fail with "underlying object
+# has vanished". They are compiled per process; the hot decode and prefill paths do not use them.
+jit_uncached = numba.njit(cache=False, fastmath=False, error_model="numpy")
+pjit_uncached = numba.njit(cache=False, fastmath=False, error_model="numpy", parallel=True)
 
 
 @jit

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from gptevo.backends.numba._common import as_compute, compute_dtype, jit, real, small_vector
+from gptevo.backends.numba._vmath import sigmoid64, tanh64
 from gptevo.errors import RequestError
 
 
@@ -107,9 +108,8 @@ def layer_norm(x, weight, bias, eps):
 
 @jit
 def sigmoid(z):
-    """1 / (1 + exp(-z)) in float64 without overflow (exp only of -|z|)."""
-    e = math.exp(-abs(z))
-    return 1.0 / (1.0 + e) if z >= 0 else e / (1.0 + e)
+    """1 / (1 + exp(-z)) in float64 without overflow (exp only of -|z|; vectorizable, see _vmath)."""
+    return sigmoid64(z)
 
 
 @jit
@@ -137,7 +137,7 @@ def _gelu_flat(x, tanh_form, out):
     for i in range(x.shape[0]):
         v = float(x[i])
         if tanh_form:
-            out[i] = 0.5 * v * (1.0 + math.tanh(c * (v + 0.044715 * v * v * v)))
+            out[i] = 0.5 * v * (1.0 + tanh64(c * (v + 0.044715 * v * v * v)))
         else:
             out[i] = v * 0.5 * math.erfc(-v / math.sqrt(2.0))
 

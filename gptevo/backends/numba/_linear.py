@@ -12,7 +12,8 @@ import numba
 import numpy as np
 
 from gptevo.backends.numba import _gemv
-from gptevo.backends.numba._common import as_compute, chunk_rows, compute_dtype, jit, pjit, prange, run_parallel
+from gptevo.backends.numba._common import (as_compute, chunk_rows, compute_dtype, jit, jit_uncached, pjit_uncached,
+                                           prange, run_parallel)
 from gptevo.backends.numba._weights import VALUE_TABLE, SCALE_TABLE, operand, row_mxfp4
 from gptevo.errors import RequestError
 from gptevo.ops.int8 import Int8Weight
@@ -22,7 +23,7 @@ TILE_ROWS = 8      # weight rows widened together for multi-row groups (eight ac
 TILE_K = 256       # reduction block: partial sums are added per block, which bounds float32 error growth
 
 
-@jit
+@jit_uncached
 def _tiled_rows(x, rows, first, last, wt, loader, e, lo, hi, bias, has_bias, out, buf, scratch, zero):
     """out[p, lo:hi] for the input rows p of one group: widen TILE_ROWS weight rows into a [K, 8]
     tile (transposed), then for each input row run eight independent sums over K (one per weight
@@ -66,7 +67,7 @@ def _tiled_rows(x, rows, first, last, wt, loader, e, lo, hi, bias, has_bias, out
                 out[p, n0 + l] = acc[l] + bias[e, n0 + l] if has_bias else acc[l]
 
 
-@pjit
+@pjit_uncached
 def grouped_gemm(x, rows, starts, experts, wt, loader, rowdot, bias, has_bias, out, chunk, zero):
     """out[p, n] = x[rows[p]] . W[experts[u], n] (+ bias[experts[u], n]) for p in group u.
 
