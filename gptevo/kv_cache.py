@@ -16,6 +16,15 @@ Protocol per forward chunk of ``T`` new tokens at positions ``length .. length+T
 the keys it needs from its own chunk; ``commit`` then keeps only the last ``W`` positions on sliding
 layers. ``length`` (tokens seen) advances once every layer has committed the chunk. A forward that
 fails half-way marks the cache ``broken`` (its layers disagree); it refuses further use until ``reset()``.
+
+Backend-owned arrays. With ``arrays`` (a backend's array functions, e.g. ``gptevo.backends.cupy.ARRAYS``)
+the buffers are allocated by the backend (on the GPU) and ``view``/``commit`` never read a position
+value on the host: the slots come from the host-side lengths, positions arrive as device arrays (the
+model makes them), and every write is a slice assignment. ``view`` then also keeps positions for full
+layers and returns every ring slot of a sliding layer in slot order (the attention mask reads the
+positions, so order does not matter); a one-token chunk on a sliding layer is staged into its ring
+slot (the key it replaces, position p - W, is outside every later query's window), so decode reads
+the ring in place with no copy. Without ``arrays`` everything is plain NumPy, as before.
 """
 from __future__ import annotations
 
@@ -30,21 +39,25 @@ class KVCache:
     config:     the model's ModelConfig (num_layers, num_kv_heads, head_dim, window_for_layer).
     max_tokens: the most positions this generation may hold (prompt + new tokens).
     dtype:      storage dtype of keys and values (the compute dtype; float32 by default).
+    arrays:     the backend's array functions (None: NumPy buffers); see the module doc.
     """
 
-    def __init__(self, config, max_tokens: int, dtype=np.float32):
+    def __init__(self, config, max_tokens: int, dtype=np.float32, arrays=None):
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
             raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         self.max_tokens = int(max_tokens)
         self.dtype = np.dtype(dtype)
         G, Dh = config.num_kv_heads, config.head_dim
         self.windows: list[int | None] = [config.window_for_layer(i) for i in range(config.num_layers)]
+        self.arrays = arrays
+        zeros = np.zeros if arrays is None else arrays.zeros
+        full = np.full if arrays is None else arrays.full
         self.keys, self.values, self.positions = [], [], []
         for w in self.windows:
             slots = self.max_tokens if w is None else min(w, self.max_tokens)
-            self.keys.append(np.zeros((slots, G, Dh), self.dtype))      # [slots, G, Dh]
-            self.values.append(np.zeros((slots, G, Dh), self.dtype))    # [slots, G, Dh]
-            self.positions.append(np.full(slots, -1, np.int64))         # [slots]
+            self.keys.append(zeros((slots, G, Dh), self.dtype))         # [slots, G, Dh]
+            self.values.append(zeros((slots, G, Dh), self.dtype))       # [slots, G, Dh]
+            self.positions.append(full(slots, -1, np.int64))            # [slots]
         self._lengths = [0] * config.num_layers
         self.broken: str | None = None   # set when a forward failed half-way (layers disagree)
 
@@ -78,7 +91,8 @@ class KVCache:
                                f"call cache.reset() or make a new cache")
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
             raise RequestError(f"layer must be an integer in [0, {self.num_layers}), got {layer!r}")
-        pos = np.asarray(new_positions)
+        on_device = self.arrays is not None and self.arrays.is_device(new_positions)
+        pos = new_positions if on_device else np.asarray(new_positions)
         if pos.ndim != 1 or pos.size == 0 or not np.issubdtype(pos.dtype, np.integer):
             raise RequestError(f"new_positions must be a non-empty 1-D integer array, got shape {pos.shape} "
                                f"dtype {pos.dtype}")
@@ -88,13 +102,23 @@ class KVCache:
             if tuple(a.shape) != (T, *expected):
                 raise RequestError(f"{what} has shape {list(a.shape)}, expected {[T, *expected]}")
         start = self._lengths[layer]
+        if on_device:       # values are never read on the host: the model made them start, start+1, ...
+            if start + T > self.max_tokens:
+                raise RequestError(f"KV cache overflow: {start} cached + {T} new tokens = {start + T} positions, "
+                                   f"but the cache holds max_tokens={self.max_tokens}")
+            return pos
         if pos[0] != start or np.any(np.diff(pos) != 1):
             raise RequestError(f"layer {layer}: new positions must continue the cache at {start} "
                                f"one by one, got {pos[0]}..{pos[-1]}")
         if start + T > self.max_tokens:
             raise RequestError(f"KV cache overflow: {start} cached + {T} new tokens = {start + T} positions, "
                                f"but the cache holds max_tokens={self.max_tokens}")
-        return pos.astype(np.int64, copy=False)
+        pos = pos.astype(np.int64, copy=False)
+        if self.arrays is not None:          # host positions for a backend-owned cache: checked, then uploaded
+            dev = self.arrays.asarray(pos)
+            if self.arrays.is_device(dev):
+                return dev
+        return pos
 
     # -- the protocol ----------------------------------------------------------------------------
     def view(self, layer: int, new_k, new_v, new_positions):
@@ -107,6 +131,8 @@ class KVCache:
         """
         pos = self._check(layer, new_k, new_v, new_positions)
         K, V, P = self.keys[layer], self.values[layer], self.positions[layer]
+        if not isinstance(pos, np.ndarray):
+            return self._view_device(layer, new_k, new_v, pos)
         if self.windows[layer] is None:
             a, b = int(pos[0]), int(pos[-1]) + 1
             K[a:b], V[a:b] = new_k, new_v
@@ -121,8 +147,40 @@ class KVCache:
         """Store the chunk's keys and values; sliding layers keep only the last W positions."""
         pos = self._check(layer, new_k, new_v, new_positions)
         K, V, P = self.keys[layer], self.values[layer], self.positions[layer]
+        if not isinstance(pos, np.ndarray):
+            self._store_device(layer, new_k, new_v, pos)
+            self._lengths[layer] += pos.shape[0]
+            return
         slots = K.shape[0]
         keep = slice(max(0, pos.shape[0] - slots), pos.shape[0])        # only the last `slots` survive
         idx = pos[keep] % slots                                          # ring slots (== pos on full layers)
         K[idx], V[idx], P[idx] = new_k[keep], new_v[keep], pos[keep]
         self._lengths[layer] = int(pos[-1]) + 1
+
+    # -- backend-owned arrays: slices from host-side lengths, no position value read on the host --
+    def _view_device(self, layer: int, new_k, new_v, pos):
+        K, V, P = self.keys[layer], self.values[layer], self.positions[layer]
+        start, T = self._lengths[layer], pos.shape[0]
+        if self.windows[layer] is None:
+            K[start:start + T], V[start:start + T], P[start:start + T] = new_k, new_v, pos
+            return K[:start + T], V[:start + T], P[:start + T]
+        if T == 1:                     # stage into the ring slot: replaces position start - W (invisible)
+            self._store_device(layer, new_k, new_v, pos)
+            return K, V, P
+        xp = self.arrays.xp
+        return (xp.concatenate([K, new_k.astype(self.dtype)], axis=0),
+                xp.concatenate([V, new_v.astype(self.dtype)], axis=0), xp.concatenate([P, pos]))
+
+    def _store_device(self, layer: int, new_k, new_v, pos) -> None:
+        """Write the last ``slots`` positions of the chunk into their (ring) slots: at most two slices."""
+        K, V, P = self.keys[layer], self.values[layer], self.positions[layer]
+        start, T, slots = self._lengths[layer], pos.shape[0], K.shape[0]
+        keep = min(T, slots)
+        first = T - keep                                  # chunk rows that survive: first .. T-1
+        s0 = (start + first) % slots
+        n1 = min(keep, slots - s0)
+        K[s0:s0 + n1], V[s0:s0 + n1], P[s0:s0 + n1] = new_k[first:first + n1], new_v[first:first + n1], \
+            pos[first:first + n1]
+        if keep > n1:
+            n2 = keep - n1
+            K[:n2], V[:n2], P[:n2] = new_k[first + n1:], new_v[first + n1:], pos[first + n1:]

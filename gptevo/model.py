@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Callable
 
 import numpy as np
@@ -92,6 +93,24 @@ def _host(a) -> np.ndarray:
     return np.asarray(a)
 
 
+def backend_arrays(backend):
+    """The backend's own array functions (upload ``asarray``, ``to_host``, ``zeros``/``full``/``arange``,
+    ``is_device``, optionally ``sample_token``), or None for NumPy backends (reference, numba).
+
+    Found as ``backend.arrays`` when set on the Backend object, else as ``ARRAYS`` of a built-in
+    backend's module when the Backend's ops are that module's (so a Backend built from other ops,
+    e.g. an emulated runtime registered under the same name, keeps NumPy arrays)."""
+    arrays = backend.__dict__.get("arrays")
+    if arrays is not None:
+        return arrays
+    spec = _backends.BUILTIN.get(backend.name)
+    module = sys.modules.get(spec.import_path) if spec is not None else None
+    arrays = getattr(module, "ARRAYS", None)
+    if arrays is None or backend.ops.get("embedding") is not getattr(module, "OPS", {}).get("embedding"):
+        return None
+    return arrays
+
+
 # -- the model -------------------------------------------------------------------------------------
 class Model:
     """A loaded model: ``logits(ids)``, ``forward(ids, cache)``, ``new_cache(n)`` and ``trace(ids)``.
@@ -161,7 +180,7 @@ class Model:
     def logits(self, token_ids) -> np.ndarray:
         """float32 logits ``[T, vocab]`` for the whole sequence, positions 0..T-1 (no cache)."""
         ids = self._check_ids(token_ids, start=0)
-        return self._finite(self._run(ids, cache=None, record=None).astype(np.float32, copy=False), start=0)
+        return self._finite(_host(self._run(ids, cache=None, record=None).astype(np.float32, copy=False)), start=0)
 
     def new_cache(self, max_tokens: int) -> KVCache:
         """A KV cache for one generation of at most ``max_tokens`` positions (prompt included)."""
@@ -169,10 +188,22 @@ class Model:
                 and max_tokens > self.config.context_length:
             raise RequestError(f"max_tokens={max_tokens} exceeds the model's context of "
                                f"{self.config.context_length} positions")
-        return KVCache(self.config, max_tokens, dtype=self.dtype)
+        return KVCache(self.config, max_tokens, dtype=self.dtype, arrays=backend_arrays(self.backend))
 
     def forward(self, token_ids, cache: KVCache) -> np.ndarray:
         """float32 logits ``[T, vocab]`` of new tokens at positions ``cache.length ..``; extends ``cache``."""
+        before = cache.length if isinstance(cache, KVCache) else 0
+        logits = self.forward_on_backend(token_ids, cache)
+        try:
+            return self._finite(_host(logits), before)
+        except BaseException as exc:
+            if any(n != before for n in cache._lengths):
+                cache.broken = f"{type(exc).__name__} at position {before}"
+            raise
+
+    def forward_on_backend(self, token_ids, cache: KVCache):
+        """``forward`` without the host conversion and the finiteness check: float32 logits ``[T, vocab]``
+        as the backend's array (a device array on cupy, so nothing crosses to the host)."""
         if not isinstance(cache, KVCache):
             raise RequestError(f"cache must be a KVCache from model.new_cache(), got {type(cache).__name__}")
         if cache.num_layers != self.config.num_layers:
@@ -184,7 +215,7 @@ class Model:
                                f"max_tokens={cache.max_tokens}")
         before = cache.length
         try:
-            return self._finite(self._run(ids, cache=cache, record=None).astype(np.float32, copy=False), before)
+            return self._run(ids, cache=cache, record=None).astype(np.float32, copy=False)
         except BaseException as exc:
             if any(n != before for n in cache._lengths):
                 cache.broken = f"{type(exc).__name__} at position {before}"
@@ -261,6 +292,10 @@ class Model:
         rec = record or (lambda name, value: None)
         start = cache.length if cache is not None else 0
         pos = np.arange(start, start + ids.shape[0], dtype=np.int64)                # [T]
+        arrays = backend_arrays(B)
+        if arrays is not None:   # backend-owned arrays: the ids cross once, positions are made on the device
+            pos = arrays.arange(start, start + ids.shape[0], np.int64)                 # [T]
+            ids = arrays.asarray(ids)                                                  # [T]
 
         x = B.embedding(table=w.embed, ids=ids).astype(self.dtype, copy=False)      # [T,D]
         if c.embedding_scale != 1.0:
@@ -273,7 +308,7 @@ class Model:
 
         rope = None
         if c.position == "rope":
-            inv_freq, factor = self._rope_frequencies(int(pos[-1]) + 1)
+            inv_freq, factor = self._rope_frequencies(start + ids.shape[0])
             rope = B.rope_cos_sin(positions=pos, inv_freq=inv_freq, attention_factor=factor)  # ([T,R/2],)*2
         slopes = B.alibi_slopes(num_heads=c.num_heads) if c.position == "alibi" else None    # [H]
 
@@ -284,7 +319,7 @@ class Model:
         rec("final_norm", x)
         logits = B.linear(x=x, weight=w.lm_head)                                     # [T,V]
         rec("logits", logits)
-        return _host(logits)
+        return logits                   # [T,V] the backend's array; forward/logits convert it
 
     def _rope_frequencies(self, seq_len: int):
         from gptevo.ops.rope import rope_frequencies   # a helper, not a backend op

@@ -2,9 +2,12 @@
 
 The third tier after the NumPy reference and numba. ``OPS`` maps every backend op name to an
 implementation with the reference's keyword signature and output dtype (see ``_ops.py`` for which
-ops run as kernels and which few small ones run on the host through the reference). Inputs are
-NumPy arrays, copied to the device per call; results come back as NumPy arrays; weights are
-copied once and cached on the device (``_runtime.py`` documents the memory behaviour).
+ops run as kernels and which few small ones run on the host through the reference). NumPy inputs
+give NumPy results (each call copies its activations); device inputs give device results with no
+transfer. ``ARRAYS`` (:class:`~gptevo.backends.cupy._runtime.DeviceArrays`) is the backend's own
+array functions: the model uses them to keep activations and the KV cache on the device and to
+sample on the device. Weights are copied once, in their stored dtype, and cached on the device
+(``_runtime.py`` documents the memory behaviour).
 
 Importing this package does not import cupy: the registry first checks ``find_spec("cupy")`` and
 :func:`probe`; the CUDA runtime is created, and each kernel module compiled by NVRTC, on the first
@@ -15,8 +18,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from gptevo.backends.cupy._ops import make_ops
-from gptevo.backends.cupy._runtime import cupy_runtime
+from gptevo.backends.cupy._ops import CudaOps, make_ops
+from gptevo.backends.cupy._runtime import DeviceArrays, cupy_runtime
 
 _RUNTIME = None
 
@@ -29,7 +32,9 @@ def runtime():
     return _RUNTIME
 
 
-OPS = make_ops(make_runtime=runtime)
+_IMPL = CudaOps(make_runtime=runtime)
+OPS = make_ops(impl=_IMPL)
+ARRAYS = DeviceArrays(runtime, lambda: _IMPL)
 
 
 def probe() -> str | None:

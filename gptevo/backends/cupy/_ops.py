@@ -1,23 +1,30 @@
-"""The cupy backend's ops: NumPy in, kernels on the device, NumPy out.
+"""The cupy backend's ops: kernels on the device; NumPy in, NumPy out, or device in, device out.
 
 :class:`CudaOps` holds a :class:`~gptevo.backends.cupy._runtime.Runtime` (CuPy on a GPU, or the
 CPU emulator in the tests) and implements every backend op with the reference's keyword
-signature and output dtype. Argument checking reuses the reference's own validators where it has
-them, so errors read the same; every shape an index in a kernel depends on is checked before a
-launch (a kernel never reads out of bounds).
+signature and output dtype. The kind of the activations decides the kind of the result: host
+(NumPy) activations are uploaded and the result is downloaded (the conformance suite's calls);
+device activations stay on the device and the result is a device array (the model's calls with
+the backend's arrays, see :class:`~gptevo.backends.cupy._runtime.DeviceArrays`): no transfer and
+no synchronization. Weights (NumPy arrays, MXFP4) are uploaded once, in their stored dtype, and
+cached. Host arguments are checked by the reference's own validators, so errors read the same;
+device arguments are checked on their metadata (shapes, dtypes), never on their values; every
+shape an index in a kernel depends on is checked before a launch.
 
 Kernel ops (kernels/*.cu): embedding, learned_positions, rms_norm, layer_norm, silu, gelu, swiglu,
 clamped_swiglu, linear, gelu_mlp, swiglu_mlp (linear + activation kernels, device-resident in
-between), mxfp4_decode, softmax, apply_rope, attention, moe_experts, moe_combine.
-Host ops (the NumPy reference, unchanged: small [T]- or [T,E]-sized work, or work whose contract is
-NumPy's generator): sinusoidal_positions, alibi_slopes, alibi_bias, attention_mask,
-rope_cos_sin, moe_route, dropout.
+between), mxfp4_decode, softmax, apply_rope, attention (one block per (query, head), or split-K
+over the keys with a merge for decode over long caches), moe_experts, moe_combine; rope_cos_sin
+and moe_route run as kernels for device inputs and as the reference for host inputs.
+sinusoidal_positions likewise (CuPy array functions). Host ops (the NumPy reference, unchanged:
+constants, or work whose contract is NumPy's generator): alibi_slopes, alibi_bias, attention_mask, dropout.
+Not an op: ``sample_token`` (sampling.cu), which gptevo.generation reaches through the arrays.
 
 Compute dtypes: float32 or float64 (from the reference's ``compute_dtype`` rules); every kernel
 exists in both. Big weights (linear, experts, embedding tables) stay in their stored dtype on the
 device (f32, f64, f16 and bf16 as raw 16-bit words, MXFP4 packed) and are widened or decoded in
-registers; small vectors (norm weights, biases, sinks, ALiBi slopes, cos/sin) are widened on the
-host. Other weight objects with ``decode(dtype)`` are decoded on the host.
+registers; small vectors (norm weights, biases, sinks, ALiBi slopes) are widened on the host once
+and cached. Other weight objects with ``decode(dtype)`` are decoded on the host once and cached.
 """
 from __future__ import annotations
 
@@ -48,6 +55,13 @@ LINEAR_TOK = 4                   # pairs per warp (LIN_TOK in linear.cu)
 MAX_GRID_Y = 65535
 MAX_INT32 = 2**31 - 1
 SHARED_LIMIT = 48 * 1024
+ATTN_MAX_GROUP = 8               # attention.cu split-K kernel limits (ATTN_MAX_GROUP, ATTN_MAX_DH)
+ATTN_MAX_DH = 128
+ATTN_SPLIT_KEYS = 256            # keys per split (at least)
+ATTN_MAX_SPLITS = 64
+ATTN_SPLIT_THREADS = 128         # 32 * ATTN_SPLIT_WARPS
+MAX_ROUTE_K = 32                 # moe.cu ROUTE_MAX_K
+SAMPLE_THREADS = 1024            # sampling.cu SAMPLE_MAX_THREADS
 
 
 def _i32(value: int, what: str) -> np.int32:
@@ -68,22 +82,48 @@ def _reduce_block(n: int) -> int:
 
 
 class CudaOps:
-    """Every backend op, run on ``runtime`` (created lazily by ``make_runtime`` on first use)."""
+    """Every backend op, run on ``runtime`` (created lazily by ``make_runtime`` on first use).
+
+    Inputs may be host (NumPy) or device arrays. The kind of the activations decides the kind of
+    the result: NumPy in, NumPy out (each call uploads its activations and downloads its result,
+    as the conformance suite calls it); device in, device out, with no host transfer and no
+    synchronization (as the model calls it with backend-owned arrays). Device inputs are checked
+    on their metadata only (shapes, dtypes): their values are never read on the host.
+    """
 
     def __init__(self, runtime=None, make_runtime=None):
         self._runtime = runtime
         self._make_runtime = make_runtime
         self._index_arrays = {}          # (kind, n) -> device int64 [n]: 0..n-1 or zeros
+        self._consts = {}                # (tag, bytes) -> device copy of a small host constant
 
-    def _indices(self, kind: str, n: int):
-        """Device int64 ``arange(n)`` ("arange") or ``zeros(n)`` ("zeros"), cached for n <= 65536."""
-        key = (kind, n)
+    def _indices(self, kind: str, n: int, k: int = 1):
+        """Device int64 ``arange(n)`` ("arange"), ``zeros(n)`` ("zeros") or the token of each of the
+        n*k (token, slot) pairs ("repeat"), cached for n <= 65536."""
+        key = (kind, n, k)
         dev = self._index_arrays.get(key)
         if dev is None:
-            host = np.arange(n, dtype=np.int64) if kind == "arange" else np.zeros(n, dtype=np.int64)
+            if kind == "arange":
+                host = np.arange(n, dtype=np.int64)
+            elif kind == "repeat":
+                host = np.repeat(np.arange(n, dtype=np.int64), k)
+            else:
+                host = np.zeros(n, dtype=np.int64)
             dev = self.rt.upload(host)
             if n <= 65536:
                 self._index_arrays[key] = dev
+        return dev
+
+    def _const(self, host: np.ndarray, dt, tag: str = ""):
+        """The device copy of a small host array, cached by value (for per-call constants such as
+        RoPE frequencies or ALiBi slopes that arrive as fresh arrays on every call)."""
+        host = np.ascontiguousarray(np.asarray(host).astype(dt, copy=False))
+        key = (tag, host.dtype.str, host.shape, host.tobytes())
+        dev = self._consts.get(key)
+        if dev is None:
+            dev = self.rt.upload(host)
+            if host.nbytes <= 1 << 16 and len(self._consts) < 4096:
+                self._consts[key] = dev
         return dev
 
     @property
@@ -91,6 +131,33 @@ class CudaOps:
         if self._runtime is None:
             self._runtime = self._make_runtime()
         return self._runtime
+
+    # ---- host / device plumbing ---------------------------------------------------------------
+    def _dev(self, *arrays) -> bool:
+        """True when any of ``arrays`` is a device array (then results stay on the device)."""
+        is_device = self.rt.is_device
+        return any(a is not None and is_device(a) for a in arrays)
+
+    def _act(self, x, dt):
+        """An activation as a C-contiguous device array of dtype ``dt`` (uploaded when on the host)."""
+        if self.rt.is_device(x):
+            if x.dtype != dt:
+                x = x.astype(dt)
+            return self.rt.xp.ascontiguousarray(x)
+        return self.rt.upload(np.asarray(x).astype(dt, copy=False))
+
+    def _out(self, y, on_device: bool):
+        return y if on_device else self.rt.to_host(y)
+
+    def _per_head(self, v, dt, n: int, what: str, op: str):
+        """A small per-head vector [n] (sinks, ALiBi slopes) on the device: a device array as given,
+        or a host array's device copy cached by value (slopes arrive as a fresh array per call)."""
+        shape = tuple(getattr(v, "shape", np.shape(v)))
+        if shape != (n,):
+            raise RequestError(f"{op}: {what} must have shape ({n},) (one per query head), got {shape}")
+        if self.rt.is_device(v):
+            return self.rt.xp.ascontiguousarray(v.astype(dt))
+        return self._const(widen(v, dt), dt, what)
 
     # ---- helpers ------------------------------------------------------------------------------
     def _grid(self, blocks: int) -> int:
@@ -115,8 +182,11 @@ class CudaOps:
             raw = RAW_VIEW[kind]
             dev = self.rt.weight(weight, f"raw:{np.dtype(raw).name}", lambda a: np.ascontiguousarray(a).view(raw))
             return kind, (dev,), tuple(weight.shape)
-        w = np.asarray(widen(weight, dt)).astype(dt, copy=False)          # decode()-objects, other dtypes
-        return WEIGHT_KIND[dt], (self.rt.upload(w),), tuple(w.shape)
+        if self.rt.is_device(weight):                                        # a device weight as given
+            w = self.rt.xp.ascontiguousarray(weight.astype(dt))
+            return WEIGHT_KIND[dt], (w,), tuple(w.shape)
+        w = self.rt.weight(weight, f"widened:{dt.name}", lambda a: np.asarray(widen(a, dt)).astype(dt, copy=False))
+        return WEIGHT_KIND[dt], (w,), tuple(w.shape)
 
     def _grouped_linear(self, x_dev, src, eid, weight, bias_dev, n_out: int, n_in: int, dt: np.dtype):
         """y[p] = W[eid[p]] @ x[src[p]] + b[eid[p]] on the device; returns y [P, n_out]."""
@@ -147,9 +217,9 @@ class CudaOps:
         n_out = shape[0]
         b = None
         if bias is not None:
-            if tuple(np.shape(bias)) != (n_out,):
+            if tuple(np.shape(bias)) != (n_out,) and tuple(getattr(bias, "shape", ())) != (n_out,):
                 raise RequestError(f"linear: bias has shape {tuple(np.shape(bias))}, expected ({n_out},)")
-            b = self._vector(bias, dt)
+            b = self._vector(bias, dt) if not self.rt.is_device(bias) else self._act(bias, dt)
         src, eid = self._indices("arange", n_rows), self._indices("zeros", n_rows)
         return self._grouped_linear(x_dev, src, eid, packed[:2], b, n_out, n_in, dt)
 
@@ -164,6 +234,11 @@ class CudaOps:
                               np.int32(kind), dt.type(alpha), dt.type(limit))
         return a
 
+    @staticmethod
+    def _last_axis(x, op: str = "linear"):
+        if len(x.shape) < 1:
+            raise RequestError(f"{op}: x must have a last axis [..., in]; found a scalar")
+
     # ---- embeddings ---------------------------------------------------------------------------
     def embedding(self, table, ids):
         return self._lookup(table, ids, "ids", "the embedding table", "embedding table")
@@ -174,151 +249,187 @@ class CudaOps:
 
     def _lookup(self, table, ids, what, table_name, table_what):
         table = ref_embedding._check_table(table, table_what)
-        ids = ref_embedding._check_index(ids, table.shape[0], what, table_name)
+        on_dev = self._dev(ids)
+        if on_dev:      # device ids: checked by their producer; the kernel writes NaN for any outside the table
+            if ids.dtype.kind not in "iu":
+                raise RequestError(f"{what} must be integers; found dtype {ids.dtype}")
+        else:
+            ids = ref_embedding._check_index(ids, table.shape[0], what, table_name)
         dt = compute_dtype(table)
         d = table.shape[1]
         kernels = {np.dtype(np.float32): ("embedding_u32", np.uint32, np.uint32),
                    np.dtype(np.float64): ("embedding_u64", np.uint64, np.uint64),
                    np.dtype(ml_dtypes.bfloat16): ("embedding_bf16", np.uint16, np.uint32),
                    np.dtype(np.float16): ("embedding_f16", np.uint16, np.uint32)}
-        if table.dtype not in kernels or ids.size == 0 or d == 0:
-            return table[ids].astype(dt)                                         # [T,D] on the host
+        if ids.size == 0 or d == 0:
+            out = table[np.zeros(ids.shape, np.int64)][..., :0] if d == 0 else np.zeros((*ids.shape, d), dt)
+            out = out.astype(dt)
+            return self.rt.upload(out) if on_dev else out
+        if table.dtype not in kernels:
+            if not on_dev:
+                return table[ids].astype(dt)                                     # [T,D] on the host
+            tab = self.rt.weight(table, f"widened:{dt.name}", lambda a: np.asarray(widen(a, dt)).astype(dt))
+            return tab[ids.reshape(-1)].reshape(*ids.shape, d)
         name, raw, out_bits = kernels[table.dtype]
         tab = self.rt.weight(table, f"raw:{np.dtype(raw).name}", lambda a: np.ascontiguousarray(a).view(raw))
-        flat = self.rt.upload(ids.reshape(-1).astype(np.int64))
+        flat = self._act(ids.reshape(-1), np.dtype(np.int64))
         out = self.rt.empty((ids.size, d), out_bits)
         n = ids.size * d
         self.rt.launch("embedding", name, (self._grid_1d(n, 256),), (256,),
-                       (tab, flat, out, np.int64(ids.size), _i32(d, "D")))
-        return self.rt.to_host(out).view(dt).reshape(*ids.shape, d)            # [T,D]
+                       (tab, flat, out, np.int64(ids.size), _i32(d, "D"), np.int64(table.shape[0])))
+        return self._out(out, on_dev).view(dt).reshape(*ids.shape, d)           # [T,D]
+
+    def sinusoidal_positions(self, positions, dim, base=10000.0, dtype="float32"):
+        """Host positions: the reference. Device positions: the same table made on the device."""
+        if not self._dev(positions):
+            return ref_embedding.sinusoidal_positions(positions, dim, base, dtype)
+        if len(positions.shape) != 1 or positions.dtype.kind not in "iu":
+            raise RequestError(f"positions must be a 1-D integer array; found shape {tuple(positions.shape)} "
+                               f"dtype {positions.dtype}")
+        ref_embedding.sinusoidal_positions(np.zeros(0, np.int64), dim, base, dtype)      # checks the rest
+        xp = self.rt.xp
+        j = np.arange(int(dim))
+        inv = self._const(float(base) ** (-(2 * (j // 2)) / int(dim)), np.float64, "sinusoidal")   # [dim]
+        even = self._const(j % 2 == 0, np.bool_, "sinusoidal-even")                            # [dim]
+        angles = positions.astype(np.float64)[:, None] * inv[None, :]                            # [T,dim]
+        return xp.where(even[None, :], xp.sin(angles), xp.cos(angles)).astype(np.dtype(dtype))
 
     # ---- norms --------------------------------------------------------------------------------
+    def _norm_x(self, x):
+        if self._dev(x):
+            if len(x.shape) < 1 or x.shape[-1] == 0:
+                raise RequestError(f"x must have a non-empty last axis [..., D]; found shape {tuple(x.shape)}")
+            return x, True
+        return ref_norms._check_x(x), False
+
     def rms_norm(self, x, weight, eps, offset=0.0):
-        x = ref_norms._check_x(x)                                               # [...,D] compute dtype
+        x, on_dev = self._norm_x(x)                                             # [...,D]
         eps = ref_norms._check_eps(eps)
         offset = ref_norms._check_real(offset, "offset")
         d = x.shape[-1]
-        ref_norms._check_vector(weight, d, "weight", x.dtype)
-        dt = x.dtype
+        dt = compute_dtype(x)
+        ref_norms._check_vector(weight, d, "weight", dt) if not self._dev(weight) else None
         rows = x.size // d
         y = self.rt.empty(x.shape, dt)
         if rows:
+            w = self._act(weight, dt) if self._dev(weight) else self._vector(weight, dt)
             self.rt.launch("norms", f"rms_norm_{SUFFIX[dt]}", (self._grid(rows),), (_reduce_block(d),),
-                           (self.rt.upload(x), self._vector(weight, dt), y, _i32(rows, "rows"), _i32(d, "D"),
+                           (self._act(x, dt), w, y, _i32(rows, "rows"), _i32(d, "D"),
                             dt.type(eps), dt.type(offset)))
-        return self.rt.to_host(y)
+        return self._out(y, on_dev)
 
     def layer_norm(self, x, weight, bias, eps):
-        x = ref_norms._check_x(x)
+        x, on_dev = self._norm_x(x)
         d = x.shape[-1]
         eps = ref_norms._check_eps(eps)
-        ref_norms._check_vector(weight, d, "weight", x.dtype)
+        dt = compute_dtype(x)
+        ref_norms._check_vector(weight, d, "weight", dt)
         if bias is not None:
-            ref_norms._check_vector(bias, d, "bias", x.dtype)
-        dt = x.dtype
+            ref_norms._check_vector(bias, d, "bias", dt)
         rows = x.size // d
         y = self.rt.empty(x.shape, dt)
         if rows:
             w = self._vector(weight, dt)
             b = self._vector(bias, dt) if bias is not None else w
             self.rt.launch("norms", f"layer_norm_{SUFFIX[dt]}", (self._grid(rows),), (_reduce_block(d),),
-                           (self.rt.upload(x), w, b, np.int32(bias is not None), y, _i32(rows, "rows"),
+                           (self._act(x, dt), w, b, np.int32(bias is not None), y, _i32(rows, "rows"),
                             _i32(d, "D"), dt.type(eps)))
-        return self.rt.to_host(y)
+        return self._out(y, on_dev)
 
     # ---- activations --------------------------------------------------------------------------
+    def _act_in(self, *xs):
+        """(inputs as given or as NumPy arrays, compute dtype, on device)."""
+        if self._dev(*xs):
+            return xs, compute_dtype(xs[0]) if len(xs) == 1 else \
+                np.dtype(np.float64) if all(x.dtype == np.float64 for x in xs) else np.dtype(np.float32), True
+        arrs = tuple(np.asarray(x) for x in xs)
+        return arrs, ref_act._compute_dtype(*arrs), False
+
     def silu(self, x):
-        dt = ref_act._compute_dtype(x)
-        x = ref_act._as(x, dt)
-        return self._unary("silu", x, dt)
+        (x,), dt, on_dev = self._act_in(x)
+        return self._unary("silu", x, dt, on_dev)
 
     def gelu(self, x, approximate="none"):
         if approximate not in ("none", "tanh"):
             raise RequestError(f'approximate must be "none" or "tanh"; found {approximate!r}')
-        dt = ref_act._compute_dtype(x)
-        x = ref_act._as(x, dt)
-        return self._unary("gelu", x, dt, np.int32(approximate == "tanh"))
+        (x,), dt, on_dev = self._act_in(x)
+        return self._unary("gelu", x, dt, on_dev, np.int32(approximate == "tanh"))
 
-    def _unary(self, name, x, dt, *extra):
+    def _unary(self, name, x, dt, on_dev, *extra):
         y = self.rt.empty(x.shape, dt)
         if x.size:
-            self._elementwise(name, dt, x.size, self.rt.upload(x), y, np.int64(x.size), *extra)
-        return self.rt.to_host(y)
+            self._elementwise(name, dt, x.size, self._act(x, dt), y, np.int64(x.size), *extra)
+        return self._out(y, on_dev)
 
     def swiglu(self, gate, up):
-        gate_arr, up_arr = np.asarray(gate), np.asarray(up)
-        if gate_arr.shape != up_arr.shape:
-            raise RequestError(f"swiglu: gate has shape {gate_arr.shape} but up has shape {up_arr.shape}; "
+        (g, u), dt, on_dev = self._act_in(gate, up)
+        if tuple(g.shape) != tuple(u.shape):
+            raise RequestError(f"swiglu: gate has shape {tuple(g.shape)} but up has shape {tuple(u.shape)}; "
                                f"they must match")
-        dt = ref_act._compute_dtype(gate_arr, up_arr)
-        g, u = ref_act._as(gate_arr, dt), ref_act._as(up_arr, dt)
         y = self.rt.empty(g.shape, dt)
         if g.size:
-            self._elementwise("swiglu", dt, g.size, self.rt.upload(g), self.rt.upload(u), y, np.int64(g.size))
-        return self.rt.to_host(y)
+            self._elementwise("swiglu", dt, g.size, self._act(g, dt), self._act(u, dt), y, np.int64(g.size))
+        return self._out(y, on_dev)
 
     def clamped_swiglu(self, h, alpha=1.702, limit=7.0):
         _check_alpha_limit(alpha, limit)
-        h_arr = np.asarray(h)
-        if h_arr.ndim < 1 or h_arr.shape[-1] % 2:
+        (h_arr,), dt, on_dev = self._act_in(h)
+        if len(h_arr.shape) < 1 or h_arr.shape[-1] % 2:
             raise RequestError(f"clamped_swiglu: h must have an even last axis [..., 2I] (gate and linear "
-                               f"columns interleaved); found shape {h_arr.shape}")
-        dt = ref_act._compute_dtype(h_arr)
-        h_arr = ref_act._as(h_arr, dt)
+                               f"columns interleaved); found shape {tuple(h_arr.shape)}")
         inter = h_arr.shape[-1] // 2
         rows = h_arr.size // h_arr.shape[-1] if h_arr.shape[-1] else 0
         out_shape = (*h_arr.shape[:-1], inter)
         if rows == 0 or inter == 0:
-            return np.zeros(out_shape, dt)
-        a = self._glu_rows_dev(self.rt.upload(h_arr), rows, inter, 1, alpha, limit, dt)
-        return self.rt.to_host(a).reshape(out_shape)
+            return self.rt.xp.zeros(out_shape, dt) if on_dev else np.zeros(out_shape, dt)
+        a = self._glu_rows_dev(self._act(h_arr, dt), rows, inter, 1, alpha, limit, dt)
+        return self._out(a, on_dev).reshape(out_shape)
 
     # ---- linear and MLPs ----------------------------------------------------------------------
+    def _rows_in(self, x):
+        """(x as given or NumPy, compute dtype, on device) for the matrix ops."""
+        on_dev = self._dev(x)
+        if not on_dev:
+            x = np.asarray(x)
+        self._last_axis(x)
+        return x, compute_dtype(x), on_dev
+
     def linear(self, x, weight, bias=None):
-        x = np.asarray(x)
-        if x.ndim < 1:
-            raise RequestError("linear: x must have a last axis [..., in]; found a scalar")
-        dt = compute_dtype(x)
+        x, dt, on_dev = self._rows_in(x)
         n_in = x.shape[-1]
-        x2 = x.reshape(-1, n_in).astype(dt, copy=False)                         # [P,in]
-        y = self._linear_dev(self.rt.upload(x2), weight, bias, dt, x2.shape[0], n_in)
-        return self.rt.to_host(y).reshape(*x.shape[:-1], y.shape[1])            # [...,out]
+        rows = x.size // n_in if n_in else int(np.prod(x.shape[:-1]))
+        y = self._linear_dev(self._act(x.reshape(rows, n_in), dt), weight, bias, dt, rows, n_in)
+        return self._out(y, on_dev).reshape(*x.shape[:-1], y.shape[1])         # [...,out]
 
     def gelu_mlp(self, x, w_fc, b_fc, w_proj, b_proj, approximate):
         if approximate not in ("none", "tanh"):
             raise RequestError(f'approximate must be "none" or "tanh"; found {approximate!r}')
-        x = np.asarray(x)
-        if x.ndim < 1:
-            raise RequestError("linear: x must have a last axis [..., in]; found a scalar")
-        dt = compute_dtype(x)
-        x2 = x.reshape(-1, x.shape[-1]).astype(dt, copy=False)                  # [T,D]
-        rows = x2.shape[0]
-        h = self._linear_dev(self.rt.upload(x2), w_fc, b_fc, dt, rows, x2.shape[1])   # [T,I]
+        x, dt, on_dev = self._rows_in(x)
+        n_in = x.shape[-1]
+        rows = x.size // n_in if n_in else int(np.prod(x.shape[:-1]))
+        h = self._linear_dev(self._act(x.reshape(rows, n_in), dt), w_fc, b_fc, dt, rows, n_in)   # [T,I]
         inter = h.shape[1]
         a = self.rt.empty((rows, inter), dt)
         if rows * inter:
             self._elementwise("gelu", dt, rows * inter, h, a, np.int64(rows * inter),
                               np.int32(approximate == "tanh"))
         y = self._linear_dev(a, w_proj, b_proj, dt, rows, inter)                 # [T,D]
-        return self.rt.to_host(y).reshape(*x.shape[:-1], y.shape[1])
+        return self._out(y, on_dev).reshape(*x.shape[:-1], y.shape[1])
 
     def swiglu_mlp(self, x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None):
-        x = np.asarray(x)
-        if x.ndim < 1:
-            raise RequestError("linear: x must have a last axis [..., in]; found a scalar")
-        dt = compute_dtype(x)
-        x2 = x.reshape(-1, x.shape[-1]).astype(dt, copy=False)                  # [T,D]
-        rows = x2.shape[0]
-        x_dev = self.rt.upload(x2)
-        gate = self._linear_dev(x_dev, w_gate, b_gate, dt, rows, x2.shape[1])   # [T,I]
-        up = self._linear_dev(x_dev, w_up, b_up, dt, rows, x2.shape[1])         # [T,I]
+        x, dt, on_dev = self._rows_in(x)
+        n_in = x.shape[-1]
+        rows = x.size // n_in if n_in else int(np.prod(x.shape[:-1]))
+        x_dev = self._act(x.reshape(rows, n_in), dt)
+        gate = self._linear_dev(x_dev, w_gate, b_gate, dt, rows, n_in)          # [T,I]
+        up = self._linear_dev(x_dev, w_up, b_up, dt, rows, n_in)                # [T,I]
         if gate.shape != up.shape:
             raise RequestError(f"swiglu: gate has shape {gate.shape} but up has shape {up.shape}; they must match")
         a = self.rt.empty(gate.shape, dt)
         if gate.size:
             self._elementwise("swiglu", dt, gate.size, gate, up, a, np.int64(gate.size))
         y = self._linear_dev(a, w_down, b_down, dt, rows, gate.shape[1])         # [T,D]
-        return self.rt.to_host(y).reshape(*x.shape[:-1], y.shape[1])
+        return self._out(y, on_dev).reshape(*x.shape[:-1], y.shape[1])
 
     # ---- MXFP4 --------------------------------------------------------------------------------
     def mxfp4_decode(self, blocks, scales, dtype="float32"):
@@ -338,60 +449,146 @@ class CudaOps:
 
     # ---- softmax, RoPE, attention --------------------------------------------------------------
     def softmax(self, x, sinks=None):
-        x = np.asarray(x)
+        on_dev = self._dev(x)
+        if not on_dev:
+            x = np.asarray(x)
         dt = compute_dtype(x)
-        if x.ndim == 0:
+        if len(x.shape) == 0:
             raise RequestError("softmax: x must have at least one axis (the axis normalised over)")
-        x = x.astype(dt, copy=False)
         sink = None
         if sinks is not None:
-            try:
-                sink = np.broadcast_to(np.asarray(sinks).astype(dt), x.shape[:-1])         # [...]
-            except ValueError:
-                raise RequestError(f"softmax: sinks of shape {np.shape(sinks)} do not broadcast to the rows "
-                                   f"of x, shape {x.shape[:-1]}") from None
+            if self._dev(sinks):
+                sink = self.rt.xp.ascontiguousarray(self.rt.xp.broadcast_to(sinks.astype(dt), x.shape[:-1]))
+            else:
+                try:
+                    sink = np.broadcast_to(np.asarray(sinks).astype(dt), x.shape[:-1])     # [...]
+                except ValueError:
+                    raise RequestError(f"softmax: sinks of shape {np.shape(sinks)} do not broadcast to the "
+                                       f"rows of x, shape {tuple(x.shape[:-1])}") from None
         s = x.shape[-1]
         rows = x.size // s if s else 0
         if rows == 0:
-            return np.zeros(x.shape, dt)
+            return self.rt.xp.zeros(x.shape, dt) if on_dev else np.zeros(x.shape, dt)
         y = self.rt.empty(x.shape, dt)
-        x_dev = self.rt.upload(x)
-        sink_dev = self.rt.upload(sink) if sink is not None else x_dev
+        x_dev = self._act(x, dt)
+        sink_dev = self._act(sink, dt) if sink is not None else x_dev
         self.rt.launch("softmax", f"softmax_{SUFFIX[dt]}", (self._grid(rows),), (_reduce_block(s),),
                        (x_dev, sink_dev, np.int32(sink is not None), y, _i32(rows, "rows"), _i32(s, "S")))
-        return self.rt.to_host(y)
+        return self._out(y, on_dev)
+
+    def rope_cos_sin(self, positions, inv_freq, attention_factor=1.0):
+        """Host positions: the reference. Device positions: the same formula on the device (the
+        angle is the float32 product, its cosine taken in float64 and rounded once)."""
+        if not self._dev(positions):
+            return ref_rope.rope_cos_sin(positions, inv_freq, attention_factor)
+        if len(positions.shape) != 1 or positions.dtype.kind not in "iu":
+            raise RequestError(f"positions must be a 1-D integer array, got shape {tuple(positions.shape)} "
+                               f"dtype {positions.dtype}")
+        inv = np.asarray(inv_freq)
+        if inv.ndim != 1:
+            raise RequestError(f"inv_freq must be 1-D [R/2], got shape {inv.shape}")
+        dt = compute_dtype(inv)
+        t, half = positions.shape[0], inv.shape[0]
+        cos = self.rt.empty((t, half), dt)
+        sin = self.rt.empty((t, half), dt)
+        if t * half:
+            self.rt.launch("rope", f"rope_cos_sin_{SUFFIX[dt]}", (self._grid_1d(t * half, 256),), (256,),
+                           (self._act(positions, np.dtype(np.int64)), self._const(inv, dt, "inv_freq"), cos, sin,
+                            _i32(t, "T"), _i32(half, "R/2"), dt.type(attention_factor)))
+        return cos, sin
 
     def apply_rope(self, x, cos, sin, interleaved=False):
-        x, cos, sin = ref_rope.check_apply_rope_args(x, cos, sin)
+        on_dev = self._dev(x, cos, sin)
+        if on_dev:
+            if len(x.shape) != 3:
+                raise RequestError(f"apply_rope: x must be [T,H,Dh], got shape {tuple(x.shape)}")
+            if len(cos.shape) != 2 or tuple(cos.shape) != tuple(sin.shape) or cos.shape[0] != x.shape[0]:
+                raise RequestError(f"apply_rope: cos and sin must both be [T={x.shape[0]}, R/2], got "
+                                   f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+            if 2 * cos.shape[1] > x.shape[2]:
+                raise RequestError(f"apply_rope: cos/sin rotate R={2 * cos.shape[1]} dims but x has head_dim "
+                                   f"{x.shape[2]}")
+        else:
+            x, cos, sin = ref_rope.check_apply_rope_args(x, cos, sin)
         dt = compute_dtype(x)
         t, h, dh = x.shape
         half = cos.shape[1]
-        x = x.astype(dt, copy=False)
         if x.size == 0:
-            return x.copy()
+            return x.astype(dt) if on_dev else x.astype(dt, copy=False).copy()
         y = self.rt.empty(x.shape, dt)
-        c_dev = self.rt.upload(cos.astype(dt)) if cos.size else self.rt.empty((1,), dt)
-        s_dev = self.rt.upload(sin.astype(dt)) if sin.size else self.rt.empty((1,), dt)
+        c_dev = self._act(cos, dt) if cos.size else self.rt.empty((1,), dt)
+        s_dev = self._act(sin, dt) if sin.size else self.rt.empty((1,), dt)
         self.rt.launch("rope", f"apply_rope_{SUFFIX[dt]}", (self._grid_1d(x.size, 256),), (256,),
-                       (self.rt.upload(x), c_dev, s_dev, y, _i32(t, "T"), _i32(h, "H"), _i32(dh, "Dh"),
+                       (self._act(x, dt), c_dev, s_dev, y, _i32(t, "T"), _i32(h, "H"), _i32(dh, "Dh"),
                         np.int32(half), np.int32(bool(interleaved))))
-        return self.rt.to_host(y)
+        return self._out(y, on_dev)
+
+    def _attention_args_dev(self, q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale):
+        """check_attention_args for device arrays, on metadata only."""
+        if len(q.shape) != 3 or len(k.shape) != 3 or len(v.shape) != 3:
+            raise RequestError(f"attention: q, k, v must be [T,H,Dh], [S,G,Dh], [S,G,Dv]; got shapes "
+                               f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        t, h, dh = q.shape
+        s, g, _ = k.shape
+        if k.shape[2] != dh or tuple(v.shape[:2]) != (s, g):
+            raise RequestError(f"attention: shapes disagree: q {tuple(q.shape)} (T,H,Dh), k {tuple(k.shape)} "
+                               f"(S,G,Dh), v {tuple(v.shape)} (S,G,Dv)")
+        if g == 0 or h % g:
+            raise RequestError(f"attention: query heads H={h} must be a multiple of KV heads G={g}")
+        if q_positions is None and t > s:
+            raise RequestError(f"attention: {t} queries but only {s} keys; pass q_positions explicitly")
+        i64 = np.dtype(np.int64)
+        qpos = self._const(np.arange(s - t, s), i64, "qpos") if q_positions is None else q_positions
+        kpos = self._indices("arange", s) if k_positions is None else k_positions
+        for what, pos, n in (("q_positions", qpos, t), ("k_positions", kpos, s)):
+            if tuple(getattr(pos, "shape", np.shape(pos))) != (n,):
+                raise RequestError(f"attention: q_positions must have shape ({t},) and k_positions ({s},), got "
+                                   f"{tuple(np.shape(qpos))} and {tuple(np.shape(kpos))}")
+            if np.dtype(getattr(pos, "dtype", np.asarray(pos).dtype)).kind not in "iu":
+                raise RequestError(f"attention_mask: {what} must be a 1-D integer array, got shape "
+                                   f"{tuple(pos.shape)} dtype {pos.dtype}")
+        window = ref_attention.check_window(window)
+        scale = 1.0 / math.sqrt(dh) if scale is None else float(scale)
+        return qpos, kpos, window, scale
 
     def attention(self, q, k, v, q_positions=None, k_positions=None, window=None, sinks=None, scale=None,
                   alibi_slopes=None):
-        q, k, v, qpos, kpos, window, scale = ref_attention.check_attention_args(
-            q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale)
+        on_dev = self._dev(q, k, v, q_positions, k_positions)
+        if on_dev:
+            qpos, kpos, window, scale = self._attention_args_dev(q, k, v, q_positions, k_positions, window,
+                                                                 sinks, alibi_slopes, scale)
+        else:
+            q, k, v, qpos, kpos, window, scale = ref_attention.check_attention_args(
+                q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale)
+            for what, pos in (("q_positions", qpos), ("k_positions", kpos)):
+                if pos.dtype.kind not in "iu":
+                    raise RequestError(f"attention_mask: {what} must be a 1-D integer array, got shape "
+                                       f"{pos.shape} dtype {pos.dtype}")
         t, h, dh = q.shape
         s, g, _ = k.shape
         dv = v.shape[2]
         dt = compute_dtype(q)
-        for what, pos in (("q_positions", qpos), ("k_positions", kpos)):
-            if pos.dtype.kind not in "iu":
-                raise RequestError(f"attention_mask: {what} must be a 1-D integer array, got shape {pos.shape} "
-                                   f"dtype {pos.dtype}")
-        out = self.rt.empty((t, h, dv), dt)
         if t * h == 0 or dv == 0:
-            return np.zeros((t, h, dv), dt)
+            return self.rt.xp.zeros((t, h, dv), dt) if on_dev else np.zeros((t, h, dv), dt)
+        out = self.rt.empty((t, h, dv), dt)
+        i64 = np.dtype(np.int64)
+        q_dev = self._act(q, dt)
+        k_dev = self._act(k, dt) if k.size else self.rt.empty((1,), dt)
+        v_dev = self._act(v, dt) if v.size else self.rt.empty((1,), dt)
+        qpos_dev = self._act(qpos, i64)
+        kpos_dev = self._act(kpos, i64) if s else self.rt.empty((1,), np.int64)
+        sinks_dev = self._per_head(sinks, dt, h, "sinks", "attention") if sinks is not None else q_dev
+        slopes_dev = self._per_head(alibi_slopes, dt, h, "alibi_slopes", "attention") \
+            if alibi_slopes is not None else q_dev
+        args = (q_dev, k_dev, v_dev, qpos_dev, kpos_dev, sinks_dev, np.int32(sinks is not None), slopes_dev,
+                np.int32(alibi_slopes is not None))
+        shapes = (_i32(t, "T"), _i32(h, "H"), _i32(g, "G"), _i32(s, "S"), _i32(dh, "Dh"), _i32(dv, "Dv"),
+                  np.int64(window or 0), dt.type(scale))
+        group = h // g
+        splits = self._decode_splits(t, g, s, group, dh, dv)
+        if splits:
+            self._attention_split(args, shapes, out, t, h, g, dh, dv, splits, dt)
+            return self._out(out, on_dev)
         nwarps = 4
         itemsize = dt.itemsize
         while nwarps > 1 and (dh + nwarps * (dv + 2)) * itemsize > SHARED_LIMIT:
@@ -400,30 +597,62 @@ class CudaOps:
         if shared > SHARED_LIMIT:
             raise RequestError(f"attention: head dims Dh={dh}, Dv={dv} need {shared} bytes of shared memory, "
                                f"more than the kernel's {SHARED_LIMIT}")
-        up = self.rt.upload
-        q_dev = up(q.astype(dt, copy=False))
-        k_dev = up(k.astype(dt, copy=False)) if k.size else self.rt.empty((1,), dt)
-        v_dev = up(v.astype(dt, copy=False)) if v.size else self.rt.empty((1,), dt)
-        kpos_dev = up(kpos.astype(np.int64)) if s else self.rt.empty((1,), np.int64)
-        sinks_dev = up(np.asarray(sinks).astype(dt)) if sinks is not None else q_dev
-        slopes_dev = up(np.asarray(alibi_slopes).astype(dt)) if alibi_slopes is not None else q_dev
         self.rt.launch("attention", f"attention_{SUFFIX[dt]}", (self._grid(t * h),), (32 * nwarps,),
-                       (q_dev, k_dev, v_dev, up(qpos.astype(np.int64)), kpos_dev, sinks_dev,
-                        np.int32(sinks is not None), slopes_dev, np.int32(alibi_slopes is not None), out,
-                        _i32(t, "T"), _i32(h, "H"), _i32(g, "G"), _i32(s, "S"), _i32(dh, "Dh"), _i32(dv, "Dv"),
-                        np.int64(window or 0), dt.type(scale)), shared_mem=shared)
-        return self.rt.to_host(out)
+                       (*args, out, *shapes), shared_mem=shared)
+        return self._out(out, on_dev)
+
+    def _decode_splits(self, t, g, s, group, dh, dv) -> int:
+        """Key splits for the split-K decode kernel (0 = use the one-block-per-(query, head) kernel).
+        Used for few queries over many keys: one block per (query, KV head, split), every query head
+        of the group in one block, so each key and value row is read once per split."""
+        if t > 4 or s < 256 or group > ATTN_MAX_GROUP or dh > ATTN_MAX_DH or dv > ATTN_MAX_DH or dh % 4:
+            return 0
+        return max(1, min(-(-s // ATTN_SPLIT_KEYS), ATTN_MAX_SPLITS))
+
+    def _attention_split(self, args, shapes, out, t, h, g, dh, dv, splits, dt):
+        part_o = self.rt.empty((t, h, splits, dv), dt)
+        part_ml = self.rt.empty((t, h, splits, 2), dt)
+        self.rt.launch("attention", f"attention_split_{SUFFIX[dt]}", (t * g, splits), (ATTN_SPLIT_THREADS,),
+                       (*args, part_o, part_ml, *shapes, np.int32(splits)))
+        self.rt.launch("attention", f"attention_merge_{SUFFIX[dt]}", (self._grid(t * h),), (32,),
+                       (part_o, part_ml, args[5], args[6], out, _i32(t * h, "T*H"), _i32(h, "H"), _i32(dv, "Dv"),
+                        np.int32(splits)))
 
     # ---- MoE ----------------------------------------------------------------------------------
+    def moe_route(self, logits, k, order="softmax_topk", renormalize=False):
+        """Host logits: the reference. Device logits: one warp per token picks the top k (ties to
+        the lower expert id) and their weights, on the device."""
+        if not self._dev(logits):
+            return ref_moe.moe_route(logits, k, order, renormalize)
+        if len(logits.shape) != 2:
+            raise RequestError(f"moe_route: logits must be [T, E], got shape {list(logits.shape)}")
+        t, n_experts = logits.shape
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_experts:
+            raise RequestError(f"moe_route: k must be an int in 1..{n_experts} (E), got {k!r}")
+        if order not in ref_moe.ROUTE_ORDERS:
+            raise RequestError(f"moe_route: order must be one of {ref_moe.ROUTE_ORDERS}, got {order!r}")
+        if k > MAX_ROUTE_K:
+            raise RequestError(f"moe_route: the device kernel picks at most {MAX_ROUTE_K} experts; k={k}")
+        dt = compute_dtype(logits)
+        weights = self.rt.empty((t, k), dt)
+        ids = self.rt.empty((t, k), np.int64)
+        if t:
+            self.rt.launch("moe", f"moe_route_{SUFFIX[dt]}", (self._grid(t),), (32,),
+                           (self._act(logits, dt), weights, ids, _i32(t, "T"), _i32(n_experts, "E"), np.int32(k),
+                            np.int32(order == "softmax_topk"), np.int32(bool(renormalize))))
+        return weights, ids
+
     def moe_combine(self, expert_out, weights):
-        expert_out = np.asarray(expert_out)
-        weights = np.asarray(weights)
-        if expert_out.ndim != 3 or weights.shape != expert_out.shape[:2]:
+        on_dev = self._dev(expert_out, weights)
+        if not on_dev:
+            expert_out = np.asarray(expert_out)
+            weights = np.asarray(weights)
+        if len(expert_out.shape) != 3 or tuple(weights.shape) != tuple(expert_out.shape[:2]):
             raise RequestError(f"moe_combine: expected expert_out [T,k,D] and weights [T,k], got "
                                f"{list(expert_out.shape)} and {list(weights.shape)}")
         dt = compute_dtype(expert_out)
-        y = self.rt.upload(widen(expert_out, dt))
-        return self.rt.to_host(self._combine_dev(y, weights, dt, *expert_out.shape))
+        y = self._act(expert_out, dt) if on_dev else self.rt.upload(widen(expert_out, dt))
+        return self._out(self._combine_dev(y, weights, dt, *expert_out.shape), on_dev)
 
     def _combine_dev(self, y_dev, weights, dt, t, k, d):
         out = self.rt.empty((t, d), dt)
@@ -432,55 +661,96 @@ class CudaOps:
         if k == 0:
             out[...] = 0
             return out
-        w = self.rt.upload(widen(weights, dt))
+        w = self._act(weights, dt) if self._dev(weights) else self.rt.upload(widen(weights, dt))
         self.rt.launch("moe", f"moe_combine_{SUFFIX[dt]}", (self._grid_1d(t * d, 256),), (256,),
                        (y_dev, w, out, np.int64(t), _i32(k, "k"), _i32(d, "D")))
         return out
 
+    def _moe_args_dev(self, x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation):
+        """check_moe_experts_args for device activations, on metadata only."""
+        if activation not in ref_moe.EXPERT_ACTIVATIONS:
+            raise RequestError(f"moe_experts: activation must be one of {ref_moe.EXPERT_ACTIVATIONS}, "
+                               f"got {activation!r}")
+        gu, dn = tuple(getattr(w_gate_up, "shape", ())), tuple(getattr(w_down, "shape", ()))
+        if len(x.shape) != 2 or len(gu) != 3 or len(dn) != 3:
+            raise RequestError(f"moe_experts: expected x [T,D], w_gate_up [E,2I,D], w_down [E,D,I]; got "
+                               f"{list(x.shape)}, {list(gu)}, {list(dn)}")
+        n_experts, two_i, d = gu
+        if x.shape[1] != d or dn != (n_experts, d, two_i // 2) or two_i % 2:
+            raise RequestError(f"moe_experts: shapes disagree: x {list(x.shape)}, w_gate_up {list(gu)}, "
+                               f"w_down {list(dn)}")
+        if len(ids.shape) != 2 or tuple(weights.shape) != tuple(ids.shape) or ids.shape[0] != x.shape[0]:
+            raise RequestError(f"moe_experts: weights and ids must both be [T={x.shape[0]}, k]; got "
+                               f"{list(weights.shape)} and {list(ids.shape)}")
+        if ids.dtype.kind not in "iu":
+            raise RequestError(f"moe_experts: ids must be integers, got dtype {ids.dtype}")
+        for what, b, shape in (("b_gate_up", b_gate_up, (n_experts, two_i)), ("b_down", b_down, (n_experts, d))):
+            if b is not None and tuple(getattr(b, "shape", np.shape(b))) != shape:
+                raise RequestError(f"moe_experts: {what} must have shape {list(shape)}, got "
+                                   f"{list(getattr(b, 'shape', np.shape(b)))}")
+        return n_experts, two_i, d
+
     def moe_experts(self, x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation="swiglu",
                     alpha=1.702, limit=7.0):
-        x, weights, ids, n_experts, two_i, d = ref_moe.check_moe_experts_args(
-            x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation)
+        on_dev = self._dev(x, weights, ids)
+        if on_dev:
+            n_experts, two_i, d = self._moe_args_dev(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down,
+                                                     activation)
+        else:
+            x, weights, ids, n_experts, two_i, d = ref_moe.check_moe_experts_args(
+                x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation)
         if activation == "clamped_swiglu":
             _check_alpha_limit(alpha, limit)
         dt = compute_dtype(x)
         t, k = ids.shape
         inter = two_i // 2
         if t * d == 0:
-            return np.zeros((t, d), dt)
+            return self.rt.xp.zeros((t, d), dt) if on_dev else np.zeros((t, d), dt)
         n_pairs = t * k
-        eid = self.rt.upload(ids.reshape(-1).astype(np.int64))                    # [P] expert of each pair
-        src = self.rt.upload(np.repeat(np.arange(t, dtype=np.int64), k))          # [P] token of each pair
+        eid = self._act(ids.reshape(-1), np.dtype(np.int64))                      # [P] expert of each pair
+        src = self._indices("repeat", t, k)                                       # [P] token of each pair
         pairs = self._indices("arange", n_pairs)                                  # [P]
         gate_up = self._dense_or_packed(w_gate_up, dt)
         down = self._dense_or_packed(w_down, dt)
         b_gu = self._vector(b_gate_up, dt) if b_gate_up is not None else None
         b_d = self._vector(b_down, dt) if b_down is not None else None
-        x_dev = self.rt.upload(x.astype(dt, copy=False))                          # [T,D]
+        x_dev = self._act(x, dt)                                                  # [T,D]
         h = self._grouped_linear(x_dev, src, eid, gate_up[:2], b_gu, two_i, d, dt)     # [P,2I]
         kind = 0 if activation == "swiglu" else 1
         a = self._glu_rows_dev(h, n_pairs, inter, kind, alpha, limit, dt)        # [P,I]
         y = self._grouped_linear(a, pairs, eid, down[:2], b_d, d, inter, dt)     # [P,D] bias before weighting
-        return self.rt.to_host(self._combine_dev(y, weights, dt, t, k, d))      # [T,D]
+        return self._out(self._combine_dev(y, weights, dt, t, k, d), on_dev)     # [T,D]
+
+    # ---- sampling (not a registry op: gptevo.generation calls it through the backend's arrays) ------
+    def sample_token(self, logits_row, temperature: float, top_k: int, top_p: float, u: float):
+        """One token id from a device row of logits [V] (greedy when temperature is 0), drawn with
+        the uniform ``u`` on the device. Returns the device int64 [2]: (token, index of the first
+        non-finite logit or -1)."""
+        v = int(logits_row.shape[-1])
+        row = self._act(logits_row.reshape(v), np.dtype(np.float32))
+        out = self.rt.empty((2,), np.int64)
+        block = min(SAMPLE_THREADS, max(32, -(-v // 32) * 32))
+        self.rt.launch("sampling", "sample_f32", (1,), (block,),
+                       (row, _i32(v, "V"), np.float64(temperature), np.int32(top_k), np.float64(top_p),
+                        np.float64(u), out), shared_mem=0)
+        return out
 
 
 # Host ops: the NumPy reference itself (see the module docstring).
 HOST_OPS = {
-    "sinusoidal_positions": ref_embedding.sinusoidal_positions,
     "alibi_slopes": ref_embedding.alibi_slopes,
     "alibi_bias": ref_embedding.alibi_bias,
     "attention_mask": ref_masks.attention_mask,
-    "rope_cos_sin": ref_rope.rope_cos_sin,
-    "moe_route": ref_moe.moe_route,
     "dropout": ref_dropout.dropout,
 }
 KERNEL_OPS = ("embedding", "learned_positions", "rms_norm", "layer_norm", "silu", "gelu", "swiglu",
               "clamped_swiglu", "linear", "gelu_mlp", "swiglu_mlp", "mxfp4_decode", "softmax", "apply_rope",
-              "attention", "moe_experts", "moe_combine")
+              "attention", "moe_experts", "moe_combine", "rope_cos_sin", "moe_route",
+              "sinusoidal_positions")
 
-def make_ops(runtime=None, make_runtime=None) -> dict:
-    """The OPS mapping: kernel ops bound to a CudaOps on ``runtime`` plus the host ops."""
-    impl = CudaOps(runtime, make_runtime)
+def make_ops(runtime=None, make_runtime=None, impl: CudaOps | None = None) -> dict:
+    """The OPS mapping: kernel ops bound to a CudaOps on ``runtime`` (or ``impl``) plus the host ops."""
+    impl = impl if impl is not None else CudaOps(runtime, make_runtime)
     ops = {name: getattr(impl, name) for name in KERNEL_OPS}
     ops.update(HOST_OPS)
     return ops

@@ -8,8 +8,14 @@ CuPy and, in the tests, on the CPU through the emulator in ``tools/cuda_emu``:
 - ``xp``: the array module for device arrays (``cupy`` / ``numpy``);
 - ``to_host(device_array) -> np.ndarray``.
 
-Memory behaviour. Op inputs arrive as NumPy arrays and outputs leave as NumPy arrays: each call
-copies its activations to the device and its result back. Weights are the exception: every array
+Device arrays are instances of ``xp.ndarray`` that are not NumPy arrays (under the plain emulator
+``xp`` is NumPy, so every array is a host array). :class:`DeviceArrays` is what the backend gives
+the model (``gptevo.backends.cupy.ARRAYS``): upload, download, allocation and on-device sampling,
+so that activations and the KV cache live on the device from the embedding to the logits.
+``uploads`` and ``downloads`` count the host <-> device copies this runtime made.
+
+Memory behaviour. Op inputs that arrive as NumPy arrays are copied to the device per call and the
+result is copied back; device inputs stay where they are. Weights are the exception: every array
 an op treats as a weight (linear/expert weights and biases, norm weights, embedding tables, MXFP4
 blocks and scales) is copied once and kept in :class:`WeightCache`, keyed on the identity of the
 NumPy array object passed in (the cache holds a reference to it, so the identity cannot be reused
@@ -93,6 +99,14 @@ class Runtime:
         if cache_limit_bytes is None:
             cache_limit_bytes = _cache_limit_from_env()
         self.weights = WeightCache(self.upload, cache_limit_bytes)
+        self.uploads = 0
+        self.downloads = 0
+        nd = getattr(xp, "ndarray", None)
+        self._device_type = None if nd is None or nd is np.ndarray else nd
+
+    def is_device(self, a) -> bool:
+        """True for this runtime's device arrays (never for NumPy arrays)."""
+        return self._device_type is not None and isinstance(a, self._device_type)
 
     def kernel(self, module: str, name: str):
         """The compiled entry point ``name`` of ``kernels/<module>.cu`` (compiled on first use)."""
@@ -116,12 +130,16 @@ class Runtime:
     def upload(self, array: np.ndarray):
         """A fresh C-contiguous device copy of a host array (fresh, so 16-byte aligned also when
         the device is the host, as under the emulator: kernels use 16-byte vector loads)."""
+        self.uploads += 1
         return self.xp.array(np.ascontiguousarray(array), copy=True)
 
     def empty(self, shape, dtype):
         return self.xp.empty(shape, dtype=dtype)
 
     def to_host(self, device_array) -> np.ndarray:
+        if isinstance(device_array, np.ndarray):
+            return device_array
+        self.downloads += 1
         return np.asarray(self._to_host(device_array))
 
     def weight(self, array, tag: str = "raw", prepare: Callable[[Any], np.ndarray] = np.asarray):
@@ -137,6 +155,62 @@ class Runtime:
     def clear(self) -> None:
         """Forget cached weights (compiled modules stay)."""
         self.weights.clear()
+
+
+class DeviceArrays:
+    """The array functions the cupy backend gives the model (``gptevo.backends.cupy.ARRAYS``).
+
+    The model asks its backend for these (see ``gptevo.model.backend_arrays``): it uploads the
+    token ids once per forward, makes positions on the device, allocates the KV cache here, and
+    downloads only what its caller needs (the logits; in ``generate``, the sampled token id).
+    ``get_runtime`` is called on first use (it imports cupy and creates the CUDA context).
+    """
+
+    def __init__(self, get_runtime: Callable[[], "Runtime"], get_ops: Callable[[], Any] | None = None):
+        self._get_runtime = get_runtime
+        self._get_ops = get_ops
+
+    @property
+    def runtime(self) -> "Runtime":
+        return self._get_runtime()
+
+    @property
+    def xp(self):
+        return self.runtime.xp
+
+    def is_device(self, a) -> bool:
+        return self.runtime.is_device(a)
+
+    def asarray(self, a, dtype=None):
+        """A device copy of host data (device arrays are returned as they are)."""
+        rt = self.runtime
+        if rt.is_device(a):
+            return a if dtype is None else a.astype(dtype, copy=False)
+        return rt.upload(np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype))
+
+    def to_host(self, a) -> np.ndarray:
+        return self.runtime.to_host(a)
+
+    def empty(self, shape, dtype):
+        return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def full(self, shape, value, dtype):
+        return self.xp.full(shape, value, dtype=dtype)
+
+    def arange(self, start: int, stop: int, dtype=np.int64):
+        """Device ``arange(start, stop)``, made on the device (start and stop are host ints)."""
+        return self.xp.arange(int(start), int(stop), dtype=dtype)
+
+    def sample_token(self, logits_row, temperature: float, top_k: int, top_p: float, u: float) -> tuple[int, int]:
+        """(token id, index of the first non-finite logit or -1) for a device row of logits [V],
+        sampled on the device (gptevo.generation's rules); only these two integers cross to the host."""
+        if self._get_ops is None:
+            raise NotImplementedError("these arrays have no sampler")
+        out = self.to_host(self._get_ops().sample_token(logits_row, temperature, top_k, top_p, u))
+        return int(out[0]), int(out[1])
 
 
 def _cache_limit_from_env() -> int:

@@ -13,7 +13,8 @@ from gptevo.errors import BackendError
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 COMMON = "common.cuh"
-MODULES = ("activations", "attention", "embedding", "linear", "moe", "mxfp4", "norms", "rope", "softmax")
+MODULES = ("activations", "attention", "embedding", "linear", "moe", "mxfp4", "norms", "rope", "sampling",
+           "softmax")
 
 
 def kernel_source(module: str) -> str:

@@ -34,3 +34,28 @@ extern "C" __global__ void apply_rope_f64(const double* x, const double* cos_t, 
                                           int tokens, int heads, int dh, int half, int interleaved) {
     apply_rope_all<double>(x, cos_t, sin_t, y, tokens, heads, dh, half, interleaved);
 }
+
+// cos and sin tables from device positions (reference gptevo/ops/rope.py rope_cos_sin):
+//   angle = T(pos[t]) * inv[i] (one rounding in T), cos = T(cos(double(angle))) * factor, same for sin.
+// cos, sin: [T, half]. One thread per element (grid-stride). Entry points: rope_cos_sin_f32, rope_cos_sin_f64.
+template <typename T>
+__device__ void rope_cos_sin_all(const long long* __restrict__ pos, const T* __restrict__ inv, T* __restrict__ cos_t,
+                                 T* __restrict__ sin_t, int tokens, int half, T factor) {
+    long long n = (long long)tokens * half;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n; idx += (long long)gridDim.x * blockDim.x) {
+        long long t = idx / half;
+        int i = (int)(idx - t * half);
+        T angle = (T)pos[t] * inv[i];
+        cos_t[idx] = (T)cos((double)angle) * factor;
+        sin_t[idx] = (T)sin((double)angle) * factor;
+    }
+}
+
+extern "C" __global__ void rope_cos_sin_f32(const long long* pos, const float* inv, float* cos_t, float* sin_t,
+                                            int tokens, int half, float factor) {
+    rope_cos_sin_all<float>(pos, inv, cos_t, sin_t, tokens, half, factor);
+}
+extern "C" __global__ void rope_cos_sin_f64(const long long* pos, const double* inv, double* cos_t, double* sin_t,
+                                            int tokens, int half, double factor) {
+    rope_cos_sin_all<double>(pos, inv, cos_t, sin_t, tokens, half, factor);
+}
