@@ -173,7 +173,7 @@ def test_g3_keyboard_interrupt_in_the_cli_exits_130_without_traceback(model, mon
 
         forward = lambda self, ids, cache: (_ for _ in ()).throw(KeyboardInterrupt)   # noqa: E731
 
-    monkeypatch.setattr(cli, "load_model", lambda path, backend, err=None: Interrupting())
+    monkeypatch.setattr(cli, "load_model", lambda path, backend, err=None, weights="stored": Interrupting())
     out, err = io.StringIO(), io.StringIO()
     rc = cli.main(["generate", "--model", "m", "--max-new-tokens", "4", "--ids", "1 2"], env={}, stdin=io.StringIO(""), stdout=out, stderr=err)
     assert rc == 130 and "Traceback" not in err.getvalue()
