@@ -159,14 +159,15 @@ def test_softmax(backend, seed, rows, s, dtype, masked, sinks, scale):
 
 @st.composite
 def attention_inputs(draw):
-    """q/k/v with GQA ratios, prefill / decode / explicit offsets / ring-buffer slots, windows, sinks, ALiBi."""
+    """q/k/v with GQA ratios, prefill / decode / explicit offsets / ring-buffer slots, windows, sinks, ALiBi;
+    T and S up to 140 so backends' blocked paths (several query blocks) are drawn too."""
     rng = np.random.default_rng(draw(seeds))
     dtype = draw(act_dtypes)
     g = draw(st.integers(1, 3))
     h = g * draw(st.integers(1, 3))
     dh, dv = draw(st.integers(1, 16)), draw(st.integers(1, 12))
     mode = draw(st.sampled_from(["prefill", "decode", "offset", "ring"]))
-    s = draw(st.integers(1, 24))
+    s = draw(st.one_of(st.integers(1, 24), st.integers(60, 140)))   # long: blocked multi-query paths
     t = {"prefill": s, "decode": 1}.get(mode, draw(st.integers(1, s)))
     kwargs = {"q": rng.standard_normal((t, h, dh)).astype(dtype), "k": rng.standard_normal((s, g, dh)).astype(dtype),
               "v": rng.standard_normal((s, g, dv)).astype(dtype)}

@@ -14,6 +14,7 @@ import numba
 import numpy as np
 
 from gptevo.backends.numba._common import as_compute, compute_dtype, dot, jit, pjit, prange, run_parallel
+from gptevo.backends.numba._attention_blocked import MIN_QUERIES, attention_blocked
 from gptevo.errors import RequestError
 
 
@@ -158,6 +159,13 @@ def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=No
         per_head["sinks"] = per_head["sinks"].astype(dtype).astype(np.float64)
     if alibi_slopes is not None:
         per_head["alibi_slopes"] = per_head["alibi_slopes"].astype(dtype).astype(np.float64)
+    if n_q >= MIN_QUERIES:      # prefill: blocked, both products in BLAS (see _attention_blocked)
+        attention_blocked(as_compute(q, dtype, "attention: q"), as_compute(k, dtype, "attention: k"),
+                          as_compute(v, dtype, "attention: v"), qpos.astype(np.int64), kpos.astype(np.int64),
+                          0 if window is None else window, per_head["sinks"] if sinks is not None else None,
+                          per_head["alibi_slopes"] if alibi_slopes is not None else None,
+                          float(dtype.type(scale)), out)
+        return out
     work = n_q * n_heads * n_k * (head_dim + v.shape[2])
     kernel = _attention_serial if work < SERIAL_WORK else _attention_parallel
     kernel(as_compute(q, dtype, "attention: q"), as_compute(k, dtype, "attention: k"),
