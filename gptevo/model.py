@@ -190,20 +190,28 @@ class Model:
                                f"{self.config.context_length} positions")
         return KVCache(self.config, max_tokens, dtype=self.dtype, arrays=backend_arrays(self.backend))
 
-    def forward(self, token_ids, cache: KVCache) -> np.ndarray:
-        """float32 logits ``[T, vocab]`` of new tokens at positions ``cache.length ..``; extends ``cache``."""
+    def forward(self, token_ids, cache: KVCache, logits: str = "all") -> np.ndarray:
+        """float32 logits ``[T, vocab]`` of new tokens at positions ``cache.length ..``; extends ``cache``.
+
+        ``logits="last"`` returns only the last position's ``[1, vocab]`` (what generation needs after a
+        prompt: the output head then runs on one row instead of T, as llama.cpp does in prefill).
+        """
         before = cache.length if isinstance(cache, KVCache) else 0
-        logits = self.forward_on_backend(token_ids, cache)
+        last = logits == "last"
+        logits = self.forward_on_backend(token_ids, cache, logits=logits)
         try:
-            return self._finite(_host(logits), before)
+            return self._finite(_host(logits), cache.length - 1 if last else before)
         except BaseException as exc:
             if any(n != before for n in cache._lengths):
                 cache.broken = f"{type(exc).__name__} at position {before}"
             raise
 
-    def forward_on_backend(self, token_ids, cache: KVCache):
+    def forward_on_backend(self, token_ids, cache: KVCache, logits: str = "all"):
         """``forward`` without the host conversion and the finiteness check: float32 logits ``[T, vocab]``
-        as the backend's array (a device array on cupy, so nothing crosses to the host)."""
+        (``[1, vocab]`` with ``logits="last"``) as the backend's array (a device array on cupy, so
+        nothing crosses to the host)."""
+        if logits not in ("all", "last"):
+            raise RequestError(f"logits must be 'all' or 'last', got {logits!r}")
         if not isinstance(cache, KVCache):
             raise RequestError(f"cache must be a KVCache from model.new_cache(), got {type(cache).__name__}")
         if cache.num_layers != self.config.num_layers:
@@ -215,7 +223,7 @@ class Model:
                                f"max_tokens={cache.max_tokens}")
         before = cache.length
         try:
-            return self._run(ids, cache=cache, record=None).astype(np.float32, copy=False)
+            return self._run(ids, cache=cache, record=None, last_only=logits == "last").astype(np.float32, copy=False)
         except BaseException as exc:
             if any(n != before for n in cache._lengths):
                 cache.broken = f"{type(exc).__name__} at position {before}"
@@ -284,7 +292,8 @@ class Model:
         return ids
 
     # -- the forward pass ------------------------------------------------------------------------
-    def _run(self, ids: np.ndarray, cache: KVCache | None, record: Callable | None) -> np.ndarray:
+    def _run(self, ids: np.ndarray, cache: KVCache | None, record: Callable | None,
+             last_only: bool = False) -> np.ndarray:
         check = getattr(self.checkpoint, "check_unchanged", None)
         if check is not None:
             check()        # a mapped file truncated since loading: FormatError now, not SIGBUS below
@@ -315,6 +324,8 @@ class Model:
         for i, layer in enumerate(w.layers):
             x = self._block(i, layer, x, pos, rope, slopes, cache, rec)               # [T,D]
 
+        if last_only:
+            x = x[-1:]                                                                 # [1,D]
         x = self._norm(x, w.final_norm, w.final_norm_bias)                            # [T,D]
         rec("final_norm", x)
         logits = B.linear(x=x, weight=w.lm_head)                                     # [T,V]

@@ -99,3 +99,14 @@ def test_numba_int8_mode_marks_experts_for_int8_activations(reference):
     got = np.concatenate([m.forward(IDS[:5], cache)] + [m.forward([t], cache) for t in IDS[5:]])
     want = reference.logits(IDS)
     assert 0 < _rel(got, want) < 0.05 and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["numba"] if HAS_NUMBA else []))
+def test_forward_last_logits_equal_the_last_row(backend):
+    m = gptevo.load(BUNDLED, backend=backend)
+    full = m.forward(IDS, m.new_cache(16))
+    last = m.forward(IDS, m.new_cache(16), logits="last")
+    assert last.shape == (1, full.shape[1])
+    assert np.abs(last[0] - full[-1]).max() <= 1e-5 * np.abs(full[-1]).max()
+    with pytest.raises(RequestError, match="logits must be 'all' or 'last'"):
+        m.forward(IDS, m.new_cache(16), logits="first")
