@@ -4,8 +4,9 @@ One run measures, in this order:
 
 1. decode: greedy, batch 1, one token per ``model.forward`` call on a KV cache, after ``--warmup``
    tokens (the first call compiles numba kernels); tok/s = tokens / seconds;
-2. prefill: one ``model.forward`` of ``--prompt-tokens`` random ids on an empty cache, after an
-   8-token warm-up; tok/s = prompt tokens / seconds (0 skips it);
+2. prefill: one ``model.forward(ids, cache, logits="last")`` of ``--prompt-tokens`` random ids on an
+   empty cache, after an 8-token warm-up (the output head runs on the last position only, as in
+   llama.cpp's prompt processing); tok/s = prompt tokens / seconds (0 skips it);
 3. peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after 1 and 2 (before anything else
    allocates);
 4. weight bytes read per decoded token, counted from the loaded weights (:func:`weight_bytes_per_token`);
@@ -224,11 +225,11 @@ def measure_prefill(model, tokens: int, seed: int = 0) -> dict | None:
         return None
     rng = np.random.default_rng(seed + 1)
     V = model.config.vocab_size
-    model.forward(rng.integers(0, V, min(8, tokens)).tolist(), model.new_cache(min(8, tokens)))
+    model.forward(rng.integers(0, V, min(8, tokens)).tolist(), model.new_cache(min(8, tokens)), logits="last")
     ids = rng.integers(0, V, tokens).tolist()                              # [P]
     cache = model.new_cache(tokens)
     t0 = time.perf_counter()
-    model.forward(ids, cache)
+    model.forward(ids, cache, logits="last")
     dt = time.perf_counter() - t0
     return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
 
@@ -368,7 +369,7 @@ def add_subparser(sub, env) -> None:
     b = sub.add_parser("bench", help="decode/prefill tok/s, peak RSS and memory roofline (optionally vs llama.cpp)")
     b.add_argument("model_dir", help="model directory")
     b.add_argument("--backend", default=env.get("GPTEVO_BACKEND") or None,
-                   help="reference, numba, ... (default: $GPTEVO_BACKEND, else the best available)")
+                   help="reference, numba, ... (default: $GPTEVO_BACKEND, else numba when installed, else reference)")
     b.add_argument("--weights", default=None, help="weight mode passed to gptevo.load (e.g. int8)")
     b.add_argument("--threads", type=int, default=None, help="threads for numba, BLAS and llama-bench")
     b.add_argument("--tokens", type=int, default=64, help="decoded tokens timed (default 64)")
