@@ -83,9 +83,16 @@ def gemv_float(w, x, bias, out, chunk, zero):
             out[n] = acc + bias[n] if has_bias else acc
 
 
+@fast_jit
+def half_to_float(bits, is_bf16):
+    """float32 of 16-bit float ``bits``: bfloat16 when ``is_bf16``, else IEEE binary16 (both exact).
+    ``is_bf16`` is loop-invariant where this is used, so LLVM unswitches the loop on it."""
+    return bf16_bits_to_float(bits) if is_bf16 else half_bits_to_float(bits)
+
+
 @fast_pjit
-def gemv_bf16(w, x, bias, out, chunk):
-    """w [N,K] uint16 bfloat16 bits; x [K] float32; bias [N] or [0]; out [N] float32."""
+def gemv_half(w, x, bias, out, chunk, is_bf16):
+    """w [N,K] uint16 bits of bfloat16 (``is_bf16``) or binary16; x [K] float32; bias [N] or [0]; out [N]."""
     n_rows, k = w.shape
     has_bias = bias.shape[0] == n_rows
     for c in prange((n_rows + chunk - 1) // chunk):
@@ -93,21 +100,7 @@ def gemv_bf16(w, x, bias, out, chunk):
             row = w[n]
             acc = np.float32(0)
             for j in range(k):
-                acc += bf16_bits_to_float(row[j]) * x[j]
-            out[n] = acc + bias[n] if has_bias else acc
-
-
-@fast_pjit
-def gemv_f16(w, x, bias, out, chunk):
-    """w [N,K] uint16 binary16 bits; x [K] float32; bias [N] or [0]; out [N] float32."""
-    n_rows, k = w.shape
-    has_bias = bias.shape[0] == n_rows
-    for c in prange((n_rows + chunk - 1) // chunk):
-        for n in range(c * chunk, min(n_rows, (c + 1) * chunk)):
-            row = w[n]
-            acc = np.float32(0)
-            for j in range(k):
-                acc += half_bits_to_float(row[j]) * x[j]
+                acc += half_to_float(row[j], is_bf16) * x[j]
             out[n] = acc + bias[n] if has_bias else acc
 
 
@@ -132,23 +125,13 @@ def gemv_int8(q, scales, x, bias, out, chunk):
 
 
 @fast_pjit
-def widen_rows_bf16(w, r0, out):
-    """out[i] = float32 of bfloat16 row r0 + i of w [N,K] uint16 (exact), for i < out.shape[0]."""
+def widen_rows(w, r0, out, is_bf16):
+    """out[i] = float32 of 16-bit float row r0 + i of w [N,K] uint16 (exact), for i < out.shape[0]."""
     for i in prange(out.shape[0]):
         row = w[r0 + i]
         dst = out[i]
         for j in range(row.shape[0]):
-            dst[j] = bf16_bits_to_float(row[j])
-
-
-@fast_pjit
-def widen_rows_f16(w, r0, out):
-    """out[i] = float32 of binary16 row r0 + i of w [N,K] uint16 (exact), for i < out.shape[0]."""
-    for i in prange(out.shape[0]):
-        row = w[r0 + i]
-        dst = out[i]
-        for j in range(row.shape[0]):
-            dst[j] = half_bits_to_float(row[j])
+            dst[j] = half_to_float(row[j], is_bf16)
 
 
 def rows_per_chunk(n_rows: int, threads: int) -> int:
@@ -179,10 +162,8 @@ def gemv(x, weight, bias, threads: int):
     out = np.empty(n, dt)                                                       # [N]
     if wd == dt:
         gemv_float(weight, x, _bias(bias, dt), out, rows_per_chunk(n, threads), dt.type(0))
-    elif dt == np.float32 and wd.name == "bfloat16":
-        gemv_bf16(weight.view(np.uint16), x, _bias(bias, dt), out, rows_per_chunk(n, threads))
-    elif dt == np.float32 and wd == np.float16:
-        gemv_f16(weight.view(np.uint16), x, _bias(bias, dt), out, rows_per_chunk(n, threads))
+    elif dt == np.float32 and (wd.name == "bfloat16" or wd == np.float16):
+        gemv_half(weight.view(np.uint16), x, _bias(bias, dt), out, rows_per_chunk(n, threads), wd.name == "bfloat16")
     else:
         return None
     return out

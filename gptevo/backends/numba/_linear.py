@@ -166,13 +166,12 @@ def _linear_fast(x, weight, bias, dtype):
             y[:, r0:r0 + WIDEN_ROWS] = x2 @ part.decode(dtype).T                   # [M,chunk]
     elif isinstance(weight, np.ndarray) and dtype == np.float32 and weight.flags.c_contiguous and (
             weight.dtype.name == "bfloat16" or weight.dtype == np.float16):
-        widen = _gemv.widen_rows_bf16 if weight.dtype.name == "bfloat16" else _gemv.widen_rows_f16
         bits = weight.view(np.uint16)                                              # [out,in]
         y = np.empty((x2.shape[0], n_out), dtype)                                  # [M,out]
         buf = np.empty((min(WIDEN_ROWS, n_out), shape[1]), dtype)                  # [chunk,in]
         for r0 in range(0, n_out, WIDEN_ROWS):
             tile = buf[:min(WIDEN_ROWS, n_out - r0)]                               # [rows,in]
-            widen(bits, r0, tile)
+            _gemv.widen_rows(bits, r0, tile, weight.dtype.name == "bfloat16")
             y[:, r0:r0 + tile.shape[0]] = x2 @ tile.T                              # [M,rows] BLAS
     else:
         return None
