@@ -18,6 +18,12 @@ Sampling (names and order as in Hugging Face ``generate``), on the float64 logit
    same seed gives the same output); the token is the first kept id, in ascending id order, whose
    cumulative probability exceeds ``u``.
 
+On a backend whose arrays sample on the device (cupy), the logits never leave the device: the same
+rules run in one kernel (gptevo/backends/cupy/kernels/sampling.cu) with the same draws ``u``, and only
+the token id crosses to the host per step. It sums in a different order than NumPy, so a draw that
+falls within rounding of a boundary between two tokens may pick the neighbour; otherwise the tokens
+are those of the host sampler for the same seed.
+
 Stopping: the model's eos ids (``config.eos_token_ids``: config.json and generation_config.json),
 ``stop_token_ids``, ``stop`` strings (text prompts only), or ``max_new_tokens``. With a token-id prompt
 the returned list includes the stop/eos token that ended generation (as HF ``generate`` does); text
@@ -195,6 +201,10 @@ def token_stream(model, prompt_ids: list[int], *, max_new_tokens: int, sampling:
     stops = set(stop_token_ids)
     rng = None if sampling.greedy else np.random.default_rng(sampling.seed)
     cache = model.new_cache(len(prompt_ids) + max_new_tokens)
+    arrays = device_sampler(model)
+    if arrays is not None:
+        yield from _device_stream(model, arrays, cache, prompt_ids, max_new_tokens, sampling, rng, stops)
+        return
     logits = model.forward(prompt_ids, cache)                         # [T,V] prefill
     for step in range(max_new_tokens):
         row = np.asarray(logits)[-1]                                  # [V]
@@ -208,6 +218,36 @@ def token_stream(model, prompt_ids: list[int], *, max_new_tokens: int, sampling:
         if token in stops or step == max_new_tokens - 1:
             return
         logits = model.forward([token], cache)                        # [1,V] decode step
+
+
+def device_sampler(model):
+    """The backend's array functions when they sample on the device (cupy), else None."""
+    backend = getattr(model, "backend", None)
+    if backend is None or not hasattr(model, "forward_on_backend"):
+        return None
+    from gptevo.model import backend_arrays
+
+    arrays = backend_arrays(backend)
+    return arrays if arrays is not None and hasattr(arrays, "sample_token") else None
+
+
+def _device_stream(model, arrays, cache, prompt_ids, max_new_tokens, sampling, rng, stops) -> Iterator[int]:
+    """token_stream on a device backend: logits stay on the device, the token is sampled there with
+    the same rules and the same draws ``u = rng.random()``; only the token id (and a non-finite flag)
+    crosses to the host per step."""
+    logits = model.forward_on_backend(prompt_ids, cache)              # [T,V] prefill, on the device
+    for step in range(max_new_tokens):
+        u = 0.0 if sampling.greedy else float(rng.random())
+        token, bad = arrays.sample_token(logits[-1], sampling.temperature, sampling.top_k, sampling.top_p, u)
+        if bad >= 0:
+            row = arrays.to_host(logits[-1])
+            raise NumericalError(f"non-finite logits at generation step {step} (position "
+                                 f"{len(prompt_ids) + step - 1}): logit[{bad}] = {row[bad]}; "
+                                 f"the model's weights or activations overflowed")
+        yield token
+        if token in stops or step == max_new_tokens - 1:
+            return
+        logits = model.forward_on_backend([token], cache)             # [1,V] decode step
 
 
 class TextStream:

@@ -283,7 +283,7 @@ class CudaOps:
         """Host positions: the reference. Device positions: the same table made on the device."""
         if not self._dev(positions):
             return ref_embedding.sinusoidal_positions(positions, dim, base, dtype)
-        if len(positions.shape) != 1 or positions.dtype.kind not in "iu":
+        if len(positions.shape) != 1 or positions.dtype.kind not in "iuf":
             raise RequestError(f"positions must be a 1-D integer array; found shape {tuple(positions.shape)} "
                                f"dtype {positions.dtype}")
         ref_embedding.sinusoidal_positions(np.zeros(0, np.int64), dim, base, dtype)      # checks the rest
@@ -544,7 +544,7 @@ class CudaOps:
             if tuple(getattr(pos, "shape", np.shape(pos))) != (n,):
                 raise RequestError(f"attention: q_positions must have shape ({t},) and k_positions ({s},), got "
                                    f"{tuple(np.shape(qpos))} and {tuple(np.shape(kpos))}")
-            if np.dtype(getattr(pos, "dtype", np.asarray(pos).dtype)).kind not in "iu":
+            if np.dtype(pos.dtype if hasattr(pos, "dtype") else np.asarray(pos).dtype).kind not in "iu":
                 raise RequestError(f"attention_mask: {what} must be a 1-D integer array, got shape "
                                    f"{tuple(pos.shape)} dtype {pos.dtype}")
         window = ref_attention.check_window(window)
