@@ -59,6 +59,7 @@ class KVCache:
             self.values.append(zeros((slots, G, Dh), self.dtype))       # [slots, G, Dh]
             self.positions.append(full(slots, -1, np.int64))            # [slots]
         self._lengths = [0] * config.num_layers
+        self._staged: dict[int, tuple[int, int]] = {}   # layer -> (start, T) written by view (device path)
         self.broken: str | None = None   # set when a forward failed half-way (layers disagree)
 
     # -- state -----------------------------------------------------------------------------------
@@ -79,6 +80,7 @@ class KVCache:
         for pos in self.positions:
             pos[:] = -1
         self._lengths = [0] * self.num_layers
+        self._staged = {}
         self.broken = None
 
     def nbytes(self) -> int:
@@ -148,7 +150,9 @@ class KVCache:
         pos = self._check(layer, new_k, new_v, new_positions)
         K, V, P = self.keys[layer], self.values[layer], self.positions[layer]
         if not isinstance(pos, np.ndarray):
-            self._store_device(layer, new_k, new_v, pos)
+            if self._staged.get(layer) != (self._lengths[layer], pos.shape[0]):   # view() staged it already
+                self._store_device(layer, new_k, new_v, pos)
+            self._staged.pop(layer, None)
             self._lengths[layer] += pos.shape[0]
             return
         slots = K.shape[0]
@@ -163,9 +167,11 @@ class KVCache:
         start, T = self._lengths[layer], pos.shape[0]
         if self.windows[layer] is None:
             K[start:start + T], V[start:start + T], P[start:start + T] = new_k, new_v, pos
+            self._staged[layer] = (start, T)
             return K[:start + T], V[:start + T], P[:start + T]
         if T == 1:                     # stage into the ring slot: replaces position start - W (invisible)
             self._store_device(layer, new_k, new_v, pos)
+            self._staged[layer] = (start, T)
             return K, V, P
         xp = self.arrays.xp
         return (xp.concatenate([K, new_k.astype(self.dtype)], axis=0),

@@ -40,7 +40,8 @@ ARRAYS = DeviceArrays(runtime, lambda: _IMPL)
 def probe() -> str | None:
     """None when cupy imports and sees a CUDA device; else the reason in words."""
     if importlib.util.find_spec("cupy") is None:
-        return "the Python package 'cupy' is not installed (pip install 'gptevo[cupy]')"
+        return ("the Python package 'cupy' is not installed (pip install 'gptevo[cupy]' for CUDA 12, "
+                "'gptevo[cupy13]' for CUDA 13)")
     try:
         import cupy
     except Exception as exc:  # a broken install, missing CUDA libraries, ...

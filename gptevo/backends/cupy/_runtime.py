@@ -60,6 +60,9 @@ class WeightCache:
             self.hits += 1
             return entry[1]
         self.misses += 1
+        if isinstance(array, np.ndarray) and array.size > 1 and not any(array.strides):
+            raise BackendError(f"a placeholder weight (shape {array.shape}, every stride 0) has no device copy "
+                               f"under {tag!r}; it would upload {array.nbytes} bytes of one repeated value")
         device = self._upload(prepare(array))
         size = int(getattr(device, "nbytes", 0))
         if self.limit_bytes <= 0 or size > self.limit_bytes:
@@ -71,6 +74,16 @@ class WeightCache:
         while self.nbytes > self.limit_bytes and self._entries:
             self._drop(next(iter(self._entries)))
         return device
+
+    def put(self, array, tag: str, device) -> None:
+        """Store ``device`` as the device copy of ``array`` under ``tag`` (made elsewhere, e.g. on the
+        device itself: tools/gpu_synthetic.py), counted against the limit like any entry."""
+        key = (id(array), tag)
+        if key in self._entries:
+            self._drop(key)
+        size = int(getattr(device, "nbytes", 0))
+        self._entries[key] = (array, device, size)
+        self.nbytes += size
 
     def _drop(self, key) -> None:
         _, _, size = self._entries.pop(key)
