@@ -205,7 +205,7 @@ def token_stream(model, prompt_ids: list[int], *, max_new_tokens: int, sampling:
     if arrays is not None:
         yield from _device_stream(model, arrays, cache, prompt_ids, max_new_tokens, sampling, rng, stops)
         return
-    logits = model.forward(prompt_ids, cache)                         # [T,V] prefill
+    logits = model.forward(prompt_ids, cache, **_last_only(model))    # [1,V] prefill (last row)
     for step in range(max_new_tokens):
         row = np.asarray(logits)[-1]                                  # [V]
         if not np.isfinite(row).all():
@@ -218,6 +218,14 @@ def token_stream(model, prompt_ids: list[int], *, max_new_tokens: int, sampling:
         if token in stops or step == max_new_tokens - 1:
             return
         logits = model.forward([token], cache)                        # [1,V] decode step
+
+
+def _last_only(model) -> dict:
+    """``{"logits": "last"}`` for gptevo models (the prompt's output head runs on its last row only);
+    nothing for other objects with a ``forward(ids, cache)`` (test doubles, wrappers)."""
+    from gptevo.model import Model
+
+    return {"logits": "last"} if isinstance(model, Model) else {}
 
 
 def device_sampler(model):
@@ -235,7 +243,7 @@ def _device_stream(model, arrays, cache, prompt_ids, max_new_tokens, sampling, r
     """token_stream on a device backend: logits stay on the device, the token is sampled there with
     the same rules and the same draws ``u = rng.random()``; only the token id (and a non-finite flag)
     crosses to the host per step."""
-    logits = model.forward_on_backend(prompt_ids, cache)              # [T,V] prefill, on the device
+    logits = model.forward_on_backend(prompt_ids, cache, **_last_only(model))   # [1,V] prefill, on the device
     for step in range(max_new_tokens):
         u = 0.0 if sampling.greedy else float(rng.random())
         token, bad = arrays.sample_token(logits[-1], sampling.temperature, sampling.top_k, sampling.top_p, u)
