@@ -35,7 +35,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-timeout 60 $PY - <<'EOF' > "$OUT/env.txt" 2>&1
+timeout 30 $PY - <<'EOF' > "$OUT/env.txt" 2>&1
 import sys
 print("python", sys.version.split()[0])
 try:
@@ -51,7 +51,7 @@ EOF
 cat "$OUT/env.txt"
 
 step "2. probe and NVRTC compile of every module"
-timeout 90 $PY - <<'EOF' > "$OUT/compile.txt" 2>&1
+timeout 60 $PY - <<'EOF' > "$OUT/compile.txt" 2>&1
 import time
 from gptevo.backends import cupy as cb
 reason = cb.probe()
@@ -75,22 +75,22 @@ rc=$?; cat "$OUT/compile.txt"
 record compile "$([ $rc -eq 0 ] && tail -n 1 "$OUT/compile.txt" || echo "FAILED rc=$rc: $(tail -n 1 "$OUT/compile.txt")")"
 
 step "3. conformance suite: python -m gptevo.conformance -b cupy"
-timeout 75 $PY -m gptevo.conformance -b cupy > "$OUT/conformance.txt" 2>&1
+timeout 60 $PY -m gptevo.conformance -b cupy > "$OUT/conformance.txt" 2>&1
 rc=$?; tail -n 25 "$OUT/conformance.txt"
 record conformance "$(tail -n 1 "$OUT/conformance.txt" | cut -c1-110) (rc=$rc)"
 
 step "4. tiny peer models, cupy vs reference (tools/gpu_tiny.py)"
-timeout 80 $PY tools/gpu_tiny.py --json "$OUT/tiny.json" > "$OUT/tiny.txt" 2>&1
+timeout 60 $PY tools/gpu_tiny.py --json "$OUT/tiny.json" > "$OUT/tiny.txt" 2>&1
 rc=$?; cat "$OUT/tiny.txt" | cut -c1-400 | tail -n 20
 record tiny "$(tail -n 1 "$OUT/tiny.txt" | cut -c1-110) (rc=$rc)"
 
 step "5. gpt-oss-20b, random weights built on the GPU"
-timeout 110 $PY tools/gpu_synthetic.py --model gpt-oss-20b --json "$OUT/bench_20b.json" > "$OUT/bench_20b.txt" 2>&1
+timeout 100 $PY tools/gpu_synthetic.py --model gpt-oss-20b --json "$OUT/bench_20b.json" > "$OUT/bench_20b.txt" 2>&1
 rc=$?; tail -n 12 "$OUT/bench_20b.txt"
 record bench_20b "rc=$rc"
 
 step "6. gpt-oss-120b, random weights built on the GPU"
-timeout 140 $PY tools/gpu_synthetic.py --model gpt-oss-120b --json "$OUT/bench_120b.json" > "$OUT/bench_120b.txt" 2>&1
+timeout 130 $PY tools/gpu_synthetic.py --model gpt-oss-120b --json "$OUT/bench_120b.json" > "$OUT/bench_120b.txt" 2>&1
 rc=$?; tail -n 12 "$OUT/bench_120b.txt"
 record bench_120b "rc=$rc"
 
