@@ -11,22 +11,21 @@ arguments), so a second process compiles nothing.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
-
-from gptevo.backends.numba._gemv import fast_pjit
+from gptevo.backends.numba._gemv import fast_jit
 
 TILE_ROWS = 256          # weight rows decoded per tile (256 x 2880 float32 = 2.9 MB)
 TILE_MIN_ROWS = 4        # pairs per expert from which decoding the expert into tiles pays
 
 
-@fast_pjit
+@fast_jit
 def decode_rows(blocks, scales, e, r0, values, powers, out):
     """out[i] = decoded row r0 + i of expert e: values[code] * powers[scale byte] (exact, float32).
 
     blocks [E,N,G,16] u8, scales [E,N,G] u8 (low nibble = even element); values [16], powers [256].
+    Serial on purpose, like _gemv.widen_rows: it alternates with multi-threaded BLAS calls.
     """
     n_groups = scales.shape[2]
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         row_b = blocks[e, r0 + i]                      # [G,16]
         row_s = scales[e, r0 + i]                      # [G]
         dst = out[i]                                   # [32G]
