@@ -244,6 +244,9 @@ def _device_stream(model, arrays, cache, prompt_ids, max_new_tokens, sampling, r
     the same rules and the same draws ``u = rng.random()``; only the token id (and a non-finite flag)
     crosses to the host per step."""
     logits = model.forward_on_backend(prompt_ids, cache, **_last_only(model))   # [1,V] prefill, on the device
+    make_runner = getattr(arrays, "decode_runner", None)
+    runner = make_runner(model, cache) if make_runner is not None else None
+    step_fn = runner if runner is not None else (lambda token: model.forward_on_backend([token], cache))
     for step in range(max_new_tokens):
         u = 0.0 if sampling.greedy else float(rng.random())
         token, bad = arrays.sample_token(logits[-1], sampling.temperature, sampling.top_k, sampling.top_p, u)
@@ -255,7 +258,7 @@ def _device_stream(model, arrays, cache, prompt_ids, max_new_tokens, sampling, r
         yield token
         if token in stops or step == max_new_tokens - 1:
             return
-        logits = model.forward_on_backend([token], cache)             # [1,V] decode step
+        logits = step_fn(token)                                       # [1,V] decode step (CUDA graph on cupy)
 
 
 class TextStream:

@@ -95,7 +95,7 @@ class KVCache:
             raise RequestError(f"layer must be an integer in [0, {self.num_layers}), got {layer!r}")
         on_device = self.arrays is not None and self.arrays.is_device(new_positions)
         pos = new_positions if on_device else np.asarray(new_positions)
-        if pos.ndim != 1 or pos.size == 0 or not np.issubdtype(pos.dtype, np.integer):
+        if pos.ndim != 1 or pos.size == 0 or pos.dtype.kind not in "iu":
             raise RequestError(f"new_positions must be a non-empty 1-D integer array, got shape {pos.shape} "
                                f"dtype {pos.dtype}")
         T = pos.shape[0]
@@ -165,6 +165,14 @@ class KVCache:
     def _view_device(self, layer: int, new_k, new_v, pos):
         K, V, P = self.keys[layer], self.values[layer], self.positions[layer]
         start, T = self._lengths[layer], pos.shape[0]
+        store = getattr(self.arrays, "kv_store", None)
+        if T == 1 and store is not None:
+            # one token: stored at slot pos % slots by a kernel that reads pos on the device, and every
+            # slot is attended (empty ones hold position -1, masked): the step's launches do not depend
+            # on the position, so a decode step can be captured once and replayed (CUDA graph)
+            store(K, V, P, new_k, new_v, pos)
+            self._staged[layer] = (start, T)
+            return K, V, P
         if self.windows[layer] is None:
             K[start:start + T], V[start:start + T], P[start:start + T] = new_k, new_v, pos
             self._staged[layer] = (start, T)

@@ -111,7 +111,7 @@ for size, status in (("20b", os.environ["B20"]), ("120b", os.environ["B120"])):
         if r["what"] == "build":
             rows.append((f"gpt-oss-{size} build on GPU", f"{r['seconds']} s, {r['device_weight_gb']} GB weights"))
         elif r["what"] == "decode":
-            rows.append((f"gpt-oss-{size} decode, ctx {r['context']}",
+            rows.append((f"gpt-oss-{size} decode, ctx {r['context']}, {r.get('mode', 'eager')}",
                          f"{r['tok_s']} tok/s ({r['ms_per_token']} ms/token)"))
         elif r["what"] == "prefill":
             rows.append((f"gpt-oss-{size} prefill, {r['tokens']} tokens", f"{r['tok_s']} tok/s ({r['seconds']} s)"))

@@ -259,24 +259,29 @@ def bench(model_name: str, decode_ctx, prefill, steps: int, tiny: bool = False, 
     del warm
 
     for ctx in decode_ctx:
-        cache = model.new_cache(ctx + steps + 4)
-        fill_cache(cache, ctx, rt)
-        tok = 1
-        for _ in range(3):                                                  # warm-up steps
-            logits = model.forward_on_backend([tok], cache)
-            tok, _ = arrays.sample_token(logits[-1], 0.0, 0, 1.0, 0.0)
-        _sync(rt)
-        t1 = time.perf_counter()
-        for _ in range(steps):
-            logits = model.forward_on_backend([tok], cache)
-            tok, bad = arrays.sample_token(logits[-1], 0.0, 0, 1.0, 0.0)
-        dt = time.perf_counter() - t1
-        note()
-        rows.append({"what": "decode", "model": model_name, "context": ctx, "tok_s": round(steps / dt, 1),
-                     "ms_per_token": round(dt / steps * 1e3, 3), "finite": bad < 0})
-        report(f"{model_name}: decode at context {ctx}: {rows[-1]['tok_s']} tok/s "
-               f"({rows[-1]['ms_per_token']} ms/token, logits finite: {bad < 0})")
-        del cache, logits
+        for graph in (False, True):
+            cache = model.new_cache(ctx + steps + 4)
+            fill_cache(cache, ctx, rt)
+            runner = arrays.decode_runner(model, cache) if graph else None
+            step = runner if runner is not None else (lambda t: model.forward_on_backend([t], cache))
+            tok = 1
+            for _ in range(3):                                              # warm-up steps (and the capture)
+                logits = step(tok)
+                tok, _ = arrays.sample_token(logits[-1], 0.0, 0, 1.0, 0.0)
+            _sync(rt)
+            t1 = time.perf_counter()
+            for _ in range(steps):
+                logits = step(tok)
+                tok, bad = arrays.sample_token(logits[-1], 0.0, 0, 1.0, 0.0)
+            dt = time.perf_counter() - t1
+            note()
+            how = "eager" if runner is None else ("CUDA graph" if runner.failed is None else
+                                                  f"graph failed ({runner.failed[:80]})")
+            rows.append({"what": "decode", "model": model_name, "context": ctx, "mode": how,
+                         "tok_s": round(steps / dt, 1), "ms_per_token": round(dt / steps * 1e3, 3), "finite": bad < 0})
+            report(f"{model_name}: decode at context {ctx}, {how}: {rows[-1]['tok_s']} tok/s "
+                   f"({rows[-1]['ms_per_token']} ms/token, logits finite: {bad < 0})")
+            del cache, logits, runner
 
     for t in prefill:
         best = None

@@ -81,6 +81,19 @@ def main(argv=None) -> int:
                 return err < 1e-4 and not bad, (f"max normalized error {err:.2e} over prefill + 8 steps; "
                                                 f"(uploads, downloads) per step {crossings}")
 
+            def decode_graph():
+                cache, rcache = dev.new_cache(24), ref.new_cache(24)
+                dev.forward_on_backend(prompt, cache)
+                ref.forward(prompt, rcache)
+                runner = arrays.decode_runner(dev, cache)
+                errs = []
+                for tok in (7, 11, 2, 30, 8, 1, 9, 4):
+                    errs.append(tiny.normalized_error(arrays.to_host(runner(tok)), ref.forward([tok], rcache)))
+                err = max(errs)
+                ok = err < 1e-4 and runner.failed is None and runner.replays >= 7
+                return ok, (f"max normalized error {err:.2e} over 8 steps; {runner.replays} graph replays"
+                            + (f"; capture failed: {runner.failed}" if runner.failed else ""))
+
             def generate():
                 for kw in ({"temperature": 0.0}, {"temperature": 0.9, "top_k": 9, "top_p": 0.8, "seed": 2}):
                     got = gptevo.generate(dev, prompt, max_new_tokens=8, **kw)
@@ -89,8 +102,18 @@ def main(argv=None) -> int:
                         return False, f"{kw}: cupy {got} vs reference {want}"
                 return True, "same tokens (greedy; temperature 0.9, top_k 9, top_p 0.8, seed 2)"
 
+            def prefill_gemm():
+                rt.gemm_min_rows = 2                     # force the cuBLAS prefill path on these short inputs
+                try:
+                    return logits()
+                finally:
+                    rt.gemm_min_rows = saved
+
+            saved = rt.gemm_min_rows
             check(f"{name}: logits", logits)
+            check(f"{name}: logits, prefill GEMM path", prefill_gemm)
             check(f"{name}: decode", decode)
+            check(f"{name}: decode, CUDA graph", decode_graph)
             check(f"{name}: generate", generate)
 
     weight_names = {"weight", "table", "bias", "w_fc", "b_fc", "w_proj", "b_proj", "w_gate", "w_up", "w_down",

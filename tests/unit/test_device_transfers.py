@@ -14,6 +14,8 @@ Checked here, on tiny models (kept few for CI time: the emulator runs every CUDA
   decode logits match the NumPy reference model;
 - Qwen3 (q/k norm, bf16, tied head) and GPT-2 (learned positions, LayerNorm, GELU MLP): full-sequence
   logits match the reference with device activations;
+- all four with the prefill path forced (``gemm_min_rows = 2``: dense layers as ``xp.matmul`` on weights
+  widened on the device, MoE experts grouped by expert on the host): logits match the reference;
 - gpt-oss ``generate`` samples on the device: per step one upload and one download (the token), and
   the same tokens as the reference backend (greedy, and seeded temperature + top-k + top-p);
 - the sampling kernel picks what ``generation.sample_token`` picks (ties, top-k, top-p, many draws);
@@ -190,6 +192,11 @@ class FakeXp:
         _no_host([c, a, b], "where")
         return FakeDeviceArray(np.where(_unwrap(c), _unwrap(a), _unwrap(b)))
 
+    @staticmethod
+    def matmul(a, b):
+        _no_host([a, b], "matmul")
+        return FakeDeviceArray(np.matmul(a.a, b.a))
+
     sin = staticmethod(lambda x: np.sin(x))
     cos = staticmethod(lambda x: np.cos(x))
 
@@ -330,8 +337,16 @@ def run_worker() -> int:
                 return False, f"(uploads, downloads) per generate call of 4 tokens: {results}"
             return True, f"tokens equal; crossings per 4-token call {results}"
 
+        def prefill_gemm():
+            impl.rt.gemm_min_rows = 2                    # the prefill path (GEMMs, experts grouped on the host)
+            try:
+                return full_sequence()
+            finally:
+                impl.rt.gemm_min_rows = None
+
         if name in ("gpt2_f32", "qwen3_bf16"):         # CI time: every model path, not every check on each
             case(f"model:{name}:logits", full_sequence)
+        case(f"model:{name}:prefill-gemm", prefill_gemm)
         if name in ("gptoss_mxfp4", "llama_f32"):
             case(f"model:{name}:decode", decode_steps)
         if name == "gptoss_mxfp4":
@@ -434,6 +449,11 @@ def test_device_logits_match_reference(results, name):
 @pytest.mark.parametrize("name", ["gptoss_mxfp4"])
 def test_generate_samples_on_device(results, name):
     _check(results, f"model:{name}:generate")
+
+
+@pytest.mark.parametrize("name", ["gptoss_mxfp4", "llama_f32", "qwen3_bf16", "gpt2_f32"])
+def test_prefill_gemm_path_matches_reference(results, name):
+    _check(results, f"model:{name}:prefill-gemm")
 
 
 def test_sampling_kernel_matches_sample_token(results):

@@ -50,6 +50,7 @@ SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 WEIGHT_KIND = {np.dtype(np.float32): "f32w", np.dtype(np.float64): "f64w", np.dtype(np.float16): "f16w",
                np.dtype(ml_dtypes.bfloat16): "bf16w"}
 RAW_VIEW = {"f32w": np.float32, "f64w": np.float64, "f16w": np.uint16, "bf16w": np.uint16}
+RAW_TAG = {kind: f"raw:{np.dtype(raw).name}" for kind, raw in RAW_VIEW.items()}   # weight-cache tags
 LINEAR_ROWS_PER_BLOCK = 4        # warps per block in grouped_linear (one output row each)
 LINEAR_TOK = 4                   # pairs per warp (LIN_TOK in linear.cu)
 MAX_GRID_Y = 65535
@@ -169,7 +170,7 @@ class CudaOps:
 
     def _vector(self, v, dt: np.dtype):
         """A small weight vector widened to dt on the host, cached on the device."""
-        return self.rt.weight(v, dt.name, lambda a: widen(a, dt).astype(dt, copy=False))
+        return self.rt.weight(v, SUFFIX[dt], lambda a: widen(a, dt).astype(dt, copy=False))
 
     def _dense_or_packed(self, weight, dt: np.dtype):
         """(kind, device arrays, logical shape) of a linear/expert weight; kind as in linear.cu."""
@@ -180,8 +181,8 @@ class CudaOps:
         if isinstance(weight, np.ndarray) and weight.dtype in WEIGHT_KIND:
             kind = WEIGHT_KIND[weight.dtype]
             raw = RAW_VIEW[kind]
-            dev = self.rt.weight(weight, f"raw:{np.dtype(raw).name}", lambda a: np.ascontiguousarray(a).view(raw))
-            return kind, (dev,), tuple(weight.shape)
+            dev = self.rt.weight(weight, RAW_TAG[kind], lambda a: np.ascontiguousarray(a).view(raw))
+            return kind, (dev,), weight.shape
         if self.rt.is_device(weight):                                        # a device weight as given
             w = self.rt.xp.ascontiguousarray(weight.astype(dt))
             return WEIGHT_KIND[dt], (w,), tuple(w.shape)
@@ -220,8 +221,68 @@ class CudaOps:
             if tuple(np.shape(bias)) != (n_out,) and tuple(getattr(bias, "shape", ())) != (n_out,):
                 raise RequestError(f"linear: bias has shape {tuple(np.shape(bias))}, expected ({n_out},)")
             b = self._vector(bias, dt) if not self.rt.is_device(bias) else self._act(bias, dt)
+        if self._use_gemm(n_rows) and packed[0] != "mxfp4":       # prefill-sized: cuBLAS
+            y = self.rt.xp.matmul(x_dev, self._widen_dev(packed[0], packed[1][0], dt).T)     # [rows, out]
+            return y + b[None, :] if b is not None else y
         src, eid = self._indices("arange", n_rows), self._indices("zeros", n_rows)
         return self._grouped_linear(x_dev, src, eid, packed[:2], b, n_out, n_in, dt)
+
+    # ---- prefill: cuBLAS GEMMs on weights widened on the device ----------------------------------
+    def _use_gemm(self, rows: int) -> bool:
+        """Use GEMMs (``xp.matmul``, cuBLAS on CuPy) for ``rows`` tokens: the runtime allows it
+        (``gemm_min_rows``, None = never, as under the plain emulator) and there are enough rows."""
+        m = getattr(self.rt, "gemm_min_rows", None)
+        return m is not None and rows >= m
+
+    def _widen_dev(self, kind: str, raw, dt):
+        """A dense stored weight (raw device bits) widened to dt on the device (a temporary)."""
+        if kind == "bf16w":
+            return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(dt, copy=False)
+        if kind == "f16w":
+            return raw.view(np.float16).astype(dt)
+        return raw.astype(dt, copy=False)
+
+    def _expert_dev(self, packed, e: int, dt):
+        """Expert ``e`` of an expert weight [E, out, in] as a dense device matrix [out, in] in dt."""
+        kind, arrays, shape = packed
+        if kind != "mxfp4":
+            return self._widen_dev(kind, arrays[0][e], dt)
+        blocks, scales = arrays[0][e], arrays[1][e]
+        n_groups = int(scales.size)
+        bits = np.uint32 if dt == np.float32 else np.uint64
+        out = self.rt.empty((n_groups * 32,), bits)
+        self.rt.launch("mxfp4", f"mxfp4_decode_{SUFFIX[dt]}", (self._grid_1d(n_groups * 16, 256),), (256,),
+                       (blocks, scales, out, np.int64(n_groups)))
+        return out.view(dt).reshape(shape[1], shape[2])
+
+    def _moe_gemm(self, x_dev, eid, t, k, gate_up, down, b_gu, b_d, two_i, d, kind, alpha, limit, dt):
+        """The expert projections of a prefill-sized chunk as one GEMM pair per used expert: the
+        routing ids are read on the host (a prefill may synchronize; decode never comes here), the
+        pairs sorted by expert, each expert's rows multiplied by its decoded weights (cuBLAS), and the
+        results put back in pair order. Returns y [P, D] before the routing weights."""
+        xp = self.rt.xp
+        ids = self.rt.to_host(eid).astype(np.int64)                               # [P]
+        order = np.argsort(ids, kind="stable")                                     # pairs by expert
+        bounds = np.searchsorted(ids[order], np.arange(gate_up[2][0] + 1))         # [E+1]
+        src_sorted = (order // k).astype(np.int64)                                 # token of each sorted pair
+        order_dev, src_dev = self.rt.upload(order), self.rt.upload(src_sorted)
+        xs = x_dev[src_dev]                                                        # [P, D] sorted by expert
+        n_pairs = t * k
+        h = self.rt.empty((n_pairs, two_i), dt)
+        used = [e for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
+        for e in used:
+            a, b = int(bounds[e]), int(bounds[e + 1])
+            he = xp.matmul(xs[a:b], self._expert_dev(gate_up, e, dt).T)
+            h[a:b] = he + b_gu[e][None, :] if b_gu is not None else he
+        act = self._glu_rows_dev(h, n_pairs, two_i // 2, kind, alpha, limit, dt)  # [P, I]
+        ys = self.rt.empty((n_pairs, d), dt)
+        for e in used:
+            a, b = int(bounds[e]), int(bounds[e + 1])
+            ye = xp.matmul(act[a:b], self._expert_dev(down, e, dt).T)
+            ys[a:b] = ye + b_d[e][None, :] if b_d is not None else ye
+        y = self.rt.empty((n_pairs, d), dt)
+        y[order_dev] = ys                                                          # back to pair order
+        return y
 
     def _elementwise(self, name: str, dt: np.dtype, n: int, *args):
         block = 256
@@ -293,6 +354,20 @@ class CudaOps:
         even = self._const(j % 2 == 0, np.bool_, "sinusoidal-even")                            # [dim]
         angles = positions.astype(np.float64)[:, None] * inv[None, :]                            # [T,dim]
         return xp.where(even[None, :], xp.sin(angles), xp.cos(angles)).astype(np.dtype(dtype))
+
+    def kv_store(self, keys, values, positions, k_new, v_new, pos) -> None:
+        """Write one new position into its slot ``pos[0] % slots`` of a device KV buffer (slot read on
+        the device: no host value, the same launch for every step). keys/values [slots, G, Dh],
+        positions [slots] int64; k_new/v_new [1, G, Dh] in the buffer's dtype; pos [1] int64."""
+        slots = keys.shape[0]
+        row = int(np.prod(keys.shape[1:]))
+        bits = {4: np.uint32, 8: np.uint64}[keys.dtype.itemsize]
+        xp = self.rt.xp
+        k = xp.ascontiguousarray(k_new.astype(keys.dtype, copy=False))
+        v = xp.ascontiguousarray(v_new.astype(keys.dtype, copy=False))
+        self.rt.launch("embedding", f"kv_store_u{8 * keys.dtype.itemsize}", (self._grid_1d(row, 256),), (256,),
+                       (keys.view(bits), values.view(bits), positions, k.view(bits), v.view(bits),
+                        self._act(pos, np.dtype(np.int64)), np.int64(slots), _i32(row, "G*Dh")))
 
     # ---- norms --------------------------------------------------------------------------------
     def _norm_x(self, x):
@@ -715,8 +790,11 @@ class CudaOps:
         b_gu = self._vector(b_gate_up, dt) if b_gate_up is not None else None
         b_d = self._vector(b_down, dt) if b_down is not None else None
         x_dev = self._act(x, dt)                                                  # [T,D]
-        h = self._grouped_linear(x_dev, src, eid, gate_up[:2], b_gu, two_i, d, dt)     # [P,2I]
         kind = 0 if activation == "swiglu" else 1
+        if self._use_gemm(t):
+            y = self._moe_gemm(x_dev, eid, t, k, gate_up, down, b_gu, b_d, two_i, d, kind, alpha, limit, dt)
+            return self._out(self._combine_dev(y, weights, dt, t, k, d), on_dev)
+        h = self._grouped_linear(x_dev, src, eid, gate_up[:2], b_gu, two_i, d, dt)     # [P,2I]
         a = self._glu_rows_dev(h, n_pairs, inter, kind, alpha, limit, dt)        # [P,I]
         y = self._grouped_linear(a, pairs, eid, down[:2], b_d, d, inter, dt)     # [P,D] bias before weighting
         return self._out(self._combine_dev(y, weights, dt, t, k, d), on_dev)     # [T,D]

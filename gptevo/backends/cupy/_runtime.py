@@ -114,6 +114,7 @@ class Runtime:
         self.weights = WeightCache(self.upload, cache_limit_bytes)
         self.uploads = 0
         self.downloads = 0
+        self.gemm_min_rows: int | None = None     # matrix ops with this many rows or more use xp.matmul
         nd = getattr(xp, "ndarray", None)
         self._device_type = None if nd is None or nd is np.ndarray else nd
 
@@ -182,6 +183,7 @@ class DeviceArrays:
     def __init__(self, get_runtime: Callable[[], "Runtime"], get_ops: Callable[[], Any] | None = None):
         self._get_runtime = get_runtime
         self._get_ops = get_ops
+        self._graph_inputs = None        # (ids, pos) device buffers while a decode step is captured
 
     @property
     def runtime(self) -> "Runtime":
@@ -199,6 +201,8 @@ class DeviceArrays:
         rt = self.runtime
         if rt.is_device(a):
             return a if dtype is None else a.astype(dtype, copy=False)
+        if self._graph_inputs is not None:           # the token ids of a captured decode step
+            return self._graph_inputs[0]
         return rt.upload(np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype))
 
     def to_host(self, a) -> np.ndarray:
@@ -215,7 +219,22 @@ class DeviceArrays:
 
     def arange(self, start: int, stop: int, dtype=np.int64):
         """Device ``arange(start, stop)``, made on the device (start and stop are host ints)."""
+        if self._graph_inputs is not None and int(stop) - int(start) == 1:     # a captured decode step
+            return self._graph_inputs[1]
         return self.xp.arange(int(start), int(stop), dtype=dtype)
+
+    def decode_runner(self, model, cache):
+        """A callable ``runner(token) -> logits [1, V]`` doing ``model.forward_on_backend([token], cache)``
+        as a replayed CUDA graph (see _graph.py); None where the arrays are not CuPy's."""
+        if getattr(self.xp, "__name__", "") != "cupy":
+            return None
+        from gptevo.backends.cupy._graph import DecodeGraph
+
+        return DecodeGraph(self, model, cache)
+
+    def kv_store(self, keys, values, positions, k_new, v_new, pos) -> None:
+        """One position into its KV slot, the slot computed on the device (see CudaOps.kv_store)."""
+        self._get_ops().kv_store(keys, values, positions, k_new, v_new, pos)
 
     def sample_token(self, logits_row, temperature: float, top_k: int, top_p: float, u: float) -> tuple[int, int]:
         """(token id, index of the first non-finite logit or -1) for a device row of logits [V],
@@ -242,4 +261,6 @@ def cupy_runtime() -> Runtime:
     def compile_module(code: str):
         return cupy.RawModule(code=code, options=NVRTC_OPTIONS)
 
-    return Runtime(f"cupy (device {cupy.cuda.runtime.getDevice()})", compile_module, cupy, cupy.asnumpy)
+    rt = Runtime(f"cupy (device {cupy.cuda.runtime.getDevice()})", compile_module, cupy, cupy.asnumpy)
+    rt.gemm_min_rows = int(os.environ.get("GPTEVO_CUPY_GEMM_ROWS", "32"))   # prefill through cuBLAS
+    return rt

@@ -31,3 +31,30 @@ extern "C" __global__ void embedding_f16(const unsigned short* table, const long
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         { long long id = ids[i / d]; out[i] = (id >= 0 && id < rows) ? f16_bits_to_f32_bits(table[id * d + i % d]) : 0x7fc00000u; }
 }
+
+// KV cache store for one new position per call (gptevo/kv_cache.py, device path): the slot is read
+// from the device, slot = pos[0] % slots, so the same launch serves every decode step (and a captured
+// CUDA graph): K[slot, :] = k_new[0, :], V[slot, :] = v_new[0, :], P[slot] = pos[0]. Values move as
+// raw 32- or 64-bit words. One thread per element of a [G * Dh] row (grid-stride).
+extern "C" __global__ void kv_store_u32(unsigned int* keys, unsigned int* values, long long* positions,
+                                        const unsigned int* k_new, const unsigned int* v_new,
+                                        const long long* pos, long long slots, int row) {
+    long long p = pos[0];
+    long long slot = p % slots;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < row; i += gridDim.x * blockDim.x) {
+        keys[slot * row + i] = k_new[i];
+        values[slot * row + i] = v_new[i];
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) positions[slot] = p;
+}
+extern "C" __global__ void kv_store_u64(unsigned long long* keys, unsigned long long* values, long long* positions,
+                                        const unsigned long long* k_new, const unsigned long long* v_new,
+                                        const long long* pos, long long slots, int row) {
+    long long p = pos[0];
+    long long slot = p % slots;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < row; i += gridDim.x * blockDim.x) {
+        keys[slot * row + i] = k_new[i];
+        values[slot * row + i] = v_new[i];
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) positions[slot] = p;
+}
