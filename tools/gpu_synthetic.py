@@ -16,9 +16,11 @@ weight already uploaded and the host never holds the model.
 Measured (batch 1, float32 activations, the model's own code path):
 - decode tok/s at context C: the KV cache is filled with C random positions (keys and values on the
   device, ring slots of sliding layers hold the last W positions), then ``--steps`` tokens are
-  decoded, each ``model.forward_on_backend([tok], cache)`` followed by greedy sampling on the device
-  (only the token id crosses to the host), as ``gptevo.generate`` does;
-- prefill tok/s at T tokens: one ``forward_on_backend`` of T random ids on an empty cache (best of two);
+  decoded, each ``model.forward_on_backend([tok], cache)`` ("eager") or the replayed CUDA graph of
+  the step (``ARRAYS.decode_runner``, as ``gptevo.generate`` does), followed by greedy sampling on the
+  device (only the token id crosses to the host);
+- prefill tok/s at T tokens: one ``forward_on_backend(ids, cache, logits="last")`` of T random ids on an
+  empty cache (the output head on the last row only, as generate does; best of two);
 - peak GPU memory in use (``cudaMemGetInfo``, sampled after every phase) and the weight bytes.
 Prints one line per measurement and, with ``--json``, writes them to FILE.
 
@@ -290,7 +292,7 @@ def bench(model_name: str, decode_ctx, prefill, steps: int, tiny: bool = False, 
             ids = rng.integers(0, V, t).tolist()
             _sync(rt)
             t1 = time.perf_counter()
-            logits = model.forward_on_backend(ids, cache)
+            logits = model.forward_on_backend(ids, cache, logits="last")   # as generate (and llama-bench)
             _sync(rt)
             dt = time.perf_counter() - t1
             best = dt if best is None else min(best, dt)
