@@ -110,3 +110,23 @@ def test_forward_last_logits_equal_the_last_row(backend):
     assert np.abs(last[0] - full[-1]).max() <= 1e-5 * np.abs(full[-1]).max()
     with pytest.raises(RequestError, match="logits must be 'all' or 'last'"):
         m.forward(IDS, m.new_cache(16), logits="first")
+
+
+def test_make_private_copies_mapped_weights_and_keeps_values():
+    from gptevo.prepare import _is_mapped, _arrays, make_private
+
+    m = gptevo.load(BUNDLED, backend="reference")
+    want = m.logits(IDS)
+    assert any(_is_mapped(a) for a in _arrays(m.weights))
+    copied = make_private(m.weights)
+    assert copied > 0 and not any(_is_mapped(a) for a in _arrays(m.weights))
+    assert np.array_equal(m.logits(IDS), want)
+    assert make_private(m.weights) == 0                        # nothing mapped is left
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
+def test_numba_model_holds_no_mapped_weights():
+    from gptevo.prepare import _is_mapped, _arrays
+
+    m = gptevo.load(BUNDLED, backend="numba")
+    assert not any(_is_mapped(a) for a in _arrays(m.weights))

@@ -44,9 +44,10 @@ except Exception as exc:  # numba missing or broken: the registry reports probe(
 def prepare_weights(weights, config, mode="stored"):
     """Load-time preparation for this backend: q|k|v and gate|up fused into one matrix each (one
     streaming call instead of three), MXFP4 experts marked for the int8-activation decode kernel
-    when ``mode == "int8"`` (the opt-in 8-bit mode), and the memory-mapped weights' pages mapped
-    now, so decode steps take no page faults (gptevo.prepare)."""
-    from gptevo.prepare import fuse_projections, populate
+    when ``mode == "int8"`` (the opt-in 8-bit mode), and the memory-mapped weights copied into
+    private memory (huge pages: no page faults and fewer TLB misses per decoded token; the mapped
+    ranges are dropped as they are copied, see gptevo.prepare.make_private)."""
+    from gptevo.prepare import fuse_projections, make_private
 
     fuse_projections(weights)
     if mode == "int8":
@@ -57,7 +58,7 @@ def prepare_weights(weights, config, mode="stored"):
                 w = getattr(layer, name)
                 if getattr(w, "dtype", None) == "mxfp4":
                     setattr(layer, name, prepare(w, mode="int8", copy=False))
-    populate(weights)
+    make_private(weights)
     return weights
 
 
