@@ -23,6 +23,9 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
+from gptevo.backends.numba._simd import (f32x16_bcast, f32x16_zero, has_avx512, hsum, load_f32x16, load_i8x16_f32,
+                                         vadd, vfma, vmul)
+
 # Reassociation and contraction (FMA) let LLVM vectorize reductions; no 'nnan'/'ninf': NaN and inf
 # propagate as in IEEE arithmetic, so a NaN weight still poisons exactly the rows it belongs to.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -184,6 +187,38 @@ def widen_rows(w, r0, out, is_bf16):
             dst[j] = half_to_float(row[j], is_bf16)
 
 
+@fast_pjit
+def gemv_int8_avx512(q, scales, x, bias, out, chunk):
+    """``gemv_int8`` with explicit AVX-512 vectors: per 32-value block, two 16-lane loads of int8
+    sign-extended and converted to float32 (exact), multiplied by x, and the block's partial vector
+    scaled into two accumulators. The loop over K as LLVM vectorized it gathered the per-element
+    scale and streamed at under half the bandwidth. q [N,K] int8 (K % 32 == 0); scales [N,K/32]."""
+    n_rows, k = q.shape
+    n_blocks = k // 32
+    has_bias = bias.shape[0] == n_rows
+    for c in prange((n_rows + chunk - 1) // chunk):
+        for n in range(c * chunk, min(n_rows, (c + 1) * chunk)):
+            base = n * k
+            sbase = n * n_blocks
+            acc0 = f32x16_zero()
+            acc1 = f32x16_zero()
+            b = 0
+            while b + 2 <= n_blocks:
+                p0 = vmul(load_i8x16_f32(q, base + 32 * b), load_f32x16(x, 32 * b))
+                p0 = vfma(load_i8x16_f32(q, base + 32 * b + 16), load_f32x16(x, 32 * b + 16), p0)
+                p1 = vmul(load_i8x16_f32(q, base + 32 * b + 32), load_f32x16(x, 32 * b + 32))
+                p1 = vfma(load_i8x16_f32(q, base + 32 * b + 48), load_f32x16(x, 32 * b + 48), p1)
+                acc0 = vfma(p0, f32x16_bcast(scales.flat[sbase + b]), acc0)
+                acc1 = vfma(p1, f32x16_bcast(scales.flat[sbase + b + 1]), acc1)
+                b += 2
+            if b < n_blocks:
+                p0 = vmul(load_i8x16_f32(q, base + 32 * b), load_f32x16(x, 32 * b))
+                p0 = vfma(load_i8x16_f32(q, base + 32 * b + 16), load_f32x16(x, 32 * b + 16), p0)
+                acc0 = vfma(p0, f32x16_bcast(scales.flat[sbase + b]), acc0)
+            y = hsum(vadd(acc0, acc1))
+            out[n] = y + bias[n] if has_bias else y
+
+
 def rows_per_chunk(n_rows: int, threads: int) -> int:
     """Output rows per parallel work item: about 8 items per thread, at least 16 rows."""
     return max(16, -(-n_rows // (8 * max(1, threads))))
@@ -203,7 +238,8 @@ def gemv(x, weight, bias, threads: int):
             return None
         n = values.shape[0]
         out = np.empty(n, dt)                                                   # [N]
-        gemv_int8(values, weight.scales, x, _bias(bias, dt), out, rows_per_chunk(n, threads))
+        kernel = gemv_int8_avx512 if _AVX512 else gemv_int8
+        kernel(values, weight.scales, x, _bias(bias, dt), out, rows_per_chunk(n, threads))
         return out
     if not isinstance(weight, np.ndarray) or weight.ndim != 2 or not weight.flags.c_contiguous:
         return None
@@ -219,6 +255,7 @@ def gemv(x, weight, bias, threads: int):
     return out
 
 
+_AVX512 = has_avx512()
 _NO_BIAS = {np.dtype(np.float32): np.zeros(0, np.float32), np.dtype(np.float64): np.zeros(0, np.float64)}
 
 

@@ -160,6 +160,19 @@ def load_u8x16_zext(typingctx, arr, byte_offset):
 
 
 @intrinsic
+def load_i8x16_f32(typingctx, arr, byte_offset):
+    """16 signed bytes at ``byte_offset`` as 16 float32 (vpmovsxbd + vcvtdq2ps; exact)."""
+    sig = f32x16(arr, byte_offset)
+
+    def codegen(context, builder, sig, args):
+        idx = _index(context, builder, sig.args[1], args[1])
+        p = _ptr(context, builder, sig.args[0], args[0], idx, _I8, _V16B)
+        v = builder.load(p, align=1, typ=_V16B)
+        return builder.sitofp(v, _V16F)
+    return sig, codegen
+
+
+@intrinsic
 def load_u8x4_bcast(typingctx, arr, byte_offset):
     """4 bytes at ``byte_offset`` as one dword broadcast to all 16 lanes."""
     sig = i32x16(arr, byte_offset)
