@@ -461,7 +461,7 @@ def _apply(t: dict, m) -> None:
         b = np.array(a)
         if kind == "scale" and b.dtype == np.uint8:
             b.reshape(-1)[which % b.size] = int(value) if np.isfinite(value) else 255
-        elif kind == "nan" and b.dtype != np.uint8:
+        elif kind == "nan" and (b.dtype.kind == "f" or b.dtype.name == "bfloat16"):   # NaN/inf fit floats only
             b.reshape(-1)[which % b.size] = value if not np.isfinite(value) else np.nan
         t[name] = b
 
