@@ -34,42 +34,31 @@ fast_pjit = numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy", paral
 fast_jit = numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 
 
-@intrinsic
-def half_bits_to_float(typingctx, bits):
-    """float32 value of IEEE binary16 ``bits`` (uint16): the CPU's half->float conversion, exact."""
-    if not isinstance(bits, types.Integer) or bits.bitwidth != 16:
-        return None
+def _to_float32(bitwidth: int, emit, doc: str):
+    """An ``@intrinsic`` taking one integer of ``bitwidth`` bits and returning the float32 that
+    ``emit(builder, value)`` computes in LLVM IR (a scalar op that LLVM vectorizes in loops)."""
+    def typer(typingctx, value):
+        if not isinstance(value, types.Integer) or value.bitwidth != bitwidth:
+            return None
 
-    def codegen(context, builder, signature, args):
-        half = builder.bitcast(args[0], ir.HalfType())
-        return builder.fpext(half, ir.FloatType())
+        def codegen(context, builder, signature, args):
+            return emit(builder, args[0])
 
-    return types.float32(bits), codegen
+        return types.float32(value), codegen
 
-
-@intrinsic
-def bf16_bits_to_float(typingctx, bits):
-    """float32 value of bfloat16 ``bits`` (uint16): the bits become the high half of a float32."""
-    if not isinstance(bits, types.Integer) or bits.bitwidth != 16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-        return builder.bitcast(wide, ir.FloatType())
-
-    return types.float32(bits), codegen
+    typer.__doc__ = doc
+    return intrinsic(typer)
 
 
-@intrinsic
-def int8_to_float(typingctx, value):
-    """float32 value of an int8 (one ``sitofp``: LLVM vectorizes it as sign-extend + convert)."""
-    if not isinstance(value, types.Integer) or value.bitwidth != 8:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.sitofp(args[0], ir.FloatType())
-
-    return types.float32(value), codegen
+half_bits_to_float = _to_float32(
+    16, lambda b, v: b.fpext(b.bitcast(v, ir.HalfType()), ir.FloatType()),
+    "float32 of IEEE binary16 bits (uint16): the CPU's half-to-float conversion, exact.")
+bf16_bits_to_float = _to_float32(
+    16, lambda b, v: b.bitcast(b.shl(b.zext(v, ir.IntType(32)), ir.Constant(ir.IntType(32), 16)), ir.FloatType()),
+    "float32 of bfloat16 bits (uint16): the bits become the high half of a float32, exact.")
+int8_to_float = _to_float32(
+    8, lambda b, v: b.sitofp(v, ir.FloatType()),
+    "float32 of an int8 (one sitofp: LLVM vectorizes it as sign-extend + convert).")
 
 
 @fast_pjit
