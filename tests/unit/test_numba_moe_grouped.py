@@ -1,5 +1,6 @@
 """numba moe_experts for several tokens with MXFP4 experts (the grouped GEMM) vs the reference:
-experts decoded into tiles for large groups, the streaming GEMV for small ones, both in one call."""
+each weight row decoded once for all rows of a large group, the streaming GEMV for small groups,
+both in one call."""
 import numpy as np
 import pytest
 
@@ -41,7 +42,7 @@ def test_grouped_equals_reference(n_tokens, n_experts, k, activation):
     assert _error(got, want) < 1e-5
     counts = np.bincount(ids.ravel(), minlength=n_experts)
     if n_tokens >= 33:
-        assert counts.max() >= _moe_grouped.TILE_MIN_ROWS        # the tile path ran
+        assert counts.max() >= _moe_grouped.TILE_MIN_ROWS        # the grouped (decode once) path ran
     if n_tokens <= 9:
         assert counts.min() < _moe_grouped.TILE_MIN_ROWS         # the streaming path ran
 
