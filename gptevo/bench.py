@@ -15,8 +15,8 @@ One run measures, in this order:
    of 3 passes (:func:`memory_bandwidth`);
 6. roofline fraction = bytes/token x tok/s / bandwidth;
 7. with ``--llama-bench PATH --gguf FILE``: ``PATH -m FILE -p 0 -n N -t T -r 3 -o json`` and
-   ``-p P -n 0``, plus ``--llama-args`` (see gptevo.bench_llama), the bytes per token of the GGUF, and llama-bench's peak RSS
-   (``RUSAGE_CHILDREN``); both engines side by side in one table.
+   ``-p P -n 0``, plus ``--llama-args`` (see gptevo.bench_llama), the bytes per token of the GGUF, and
+   llama-bench's peak RSS (``RUSAGE_CHILDREN``); both engines side by side in one table.
 
 ``--threads N`` sets NUMBA_NUM_THREADS / OMP / OpenBLAS / MKL thread counts in the environment before
 the backend is imported, ``numba.set_num_threads(N)`` after, and OpenBLAS's thread count through its C
@@ -127,7 +127,7 @@ def _nbytes(a) -> int:
 
 
 def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
-    bounds = getattr(getattr(np.lib, "array_utils", np), "byte_bounds")
+    bounds = getattr(np.lib, "array_utils", np).byte_bounds
     return bounds(a)
 
 
@@ -359,7 +359,8 @@ def format_table(r: dict) -> str:
                 lines.append(f"  llama-bench {what} failed: {L[what]['error']}")
         if "gguf_error" in L:
             lines.append(f"  GGUF header: {L['gguf_error']}")
-    lines.append(f"  (decode after {r['decode']['warmup_s']:.1f} s of warm-up incl. compilation; load {r['load_s']:.1f} s)")
+    lines.append(f"  (decode after {r['decode']['warmup_s']:.1f} s of warm-up incl. compilation; "
+                 f"load {r['load_s']:.1f} s)")
     return "\n".join(lines) + "\n"
 
 

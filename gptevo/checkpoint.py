@@ -9,8 +9,8 @@ Shard index rules (spec/formats.md, "Shard index"): ``model.safetensors.index.js
 ``{"metadata": {...}, "weight_map": {tensor: shard}}``; each shard value is a plain basename
 ending in ``.safetensors`` (no directory parts, not absolute, no ``..``), whose real path stays
 inside the directory (a symlink out is refused, except into the ``blobs`` directory of a Hugging
-Face hub cache snapshot, ``<repo>/snapshots/<rev>`` -> ``<repo>/blobs``); every shard exists; every tensor the index names
-is in its shard; every tensor in a shard is named by the index for that shard; no tensor is in two
+Face hub cache snapshot, ``<repo>/snapshots/<rev>`` -> ``<repo>/blobs``); every shard exists; every tensor
+the index names is in its shard; every tensor in a shard is named by the index for that shard; no tensor is in two
 shards. If both ``model.safetensors`` and an index exist, the single file is used (as transformers
 does). Pickle checkpoints (``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) are refused and
 never opened. Which tensors a model needs, and their shapes, is the model's business

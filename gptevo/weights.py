@@ -289,9 +289,10 @@ def load_weights(ckpt, layout: Layout, check_weights: bool = False) -> ModelWeig
 # -- value scan (opt-in) ---------------------------------------------------------------------------
 SCAN_CHUNK = 1 << 22          # elements per chunk: bounded temporaries (a few MB) whatever the tensor size
 SCAN_BLOCKS = 1 << 20         # MXFP4 scale bytes per chunk (gathers at most 16 MB of blocks)
-# Magnitudes of the E2M1 codes 0..7 (bit 3 is the sign). E8M0 scale bytes whose blocks can overflow float32 when decoded: value = code_value * 2**(s - 127) and
-# float32 max is (2 - 2**-23) * 2**127, so s = 254 overflows for |code value| >= 2 (codes 4..7) and
-# s = 253 for |code value| >= 4 (codes 6, 7); s = 255 is the E8M0 NaN (OCP MX v1.0).
+# Magnitudes of the E2M1 codes 0..7 (bit 3 is the sign). E8M0 scale bytes whose blocks can overflow
+# float32 when decoded: value = code_value * 2**(s - 127) and float32 max is (2 - 2**-23) * 2**127, so
+# s = 254 overflows for |code value| >= 2 (codes 4..7) and s = 253 for |code value| >= 4 (codes 6, 7);
+# s = 255 is the E8M0 NaN (OCP MX v1.0).
 _FP4_MAGNITUDE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 

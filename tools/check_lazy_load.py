@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 E, L, H, V, NH, NKV, D, I = 32, 24, 2880, 201088, 64, 8, 64, 2880
 

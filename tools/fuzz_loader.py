@@ -187,7 +187,8 @@ def tiny_model_tensors(kind: str, g: np.random.Generator) -> dict:
                   a + "q_proj.weight": w(nh * D, H), a + "k_proj.weight": w(G * D, H),
                   a + "v_proj.weight": w(G * D, H), a + "o_proj.weight": w(H, nh * D)})
         if not oss:
-            t.update({m + "gate_proj.weight": w(48, H), m + "up_proj.weight": w(48, H), m + "down_proj.weight": w(H, 48)})
+            t.update({m + "gate_proj.weight": w(48, H), m + "up_proj.weight": w(48, H),
+                      m + "down_proj.weight": w(H, 48)})
             continue
         E, I = 4, 32
         t.update({a + "q_proj.bias": w(nh * D), a + "k_proj.bias": w(G * D), a + "v_proj.bias": w(G * D),

@@ -214,8 +214,8 @@ def fill_cache(cache, context: int, rt, seed: int = 0) -> None:
 
 
 def _sync(rt):
-    sync = getattr(getattr(getattr(rt.xp, "cuda", None), "Device", None), "__call__", None)
-    if sync is not None:
+    device = getattr(getattr(rt.xp, "cuda", None), "Device", None)
+    if callable(device):
         rt.xp.cuda.Device().synchronize()
 
 
@@ -251,7 +251,8 @@ def bench(model_name: str, decode_ctx, prefill, steps: int, tiny: bool = False, 
     note()
     rows.append({"what": "build", "model": model_name, "seconds": round(time.perf_counter() - t0, 2),
                  "device_weight_gb": round(nbytes / 1e9, 2)})
-    report(f"{model_name}: built in {rows[-1]['seconds']} s, {rows[-1]['device_weight_gb']} GB of weights on the device")
+    report(f"{model_name}: built in {rows[-1]['seconds']} s, "
+           f"{rows[-1]['device_weight_gb']} GB of weights on the device")
     V = model.config.vocab_size
     rng = np.random.default_rng(0)
     warm = model.new_cache(8)
@@ -265,7 +266,7 @@ def bench(model_name: str, decode_ctx, prefill, steps: int, tiny: bool = False, 
             cache = model.new_cache(ctx + steps + 4)
             fill_cache(cache, ctx, rt)
             runner = arrays.decode_runner(model, cache) if graph else None
-            step = runner if runner is not None else (lambda t: model.forward_on_backend([t], cache))
+            step = runner if runner is not None else (lambda t, c=cache: model.forward_on_backend([t], c))
             tok = 1
             for _ in range(3):                                              # warm-up steps (and the capture)
                 logits = step(tok)

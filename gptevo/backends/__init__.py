@@ -10,9 +10,11 @@ probe in the backend's own module. Third-party backends register through the ent
 ``gptevo.backends``: the entry point loads an object (usually a module) with a ``OPS`` mapping of op
 name to callable and an optional ``probe()`` returning ``None`` when usable or a reason string.
 
-Selection (:func:`resolve`): the explicit name, then the ``GPTEVO_BACKEND`` environment variable,
-then the fastest available CPU backend (numba when installed, else the reference). Asking for an unavailable backend is an error that
-says why; there is never a silent fallback.
+Selection (:func:`resolve`, :func:`default_name`): the explicit name, then the ``GPTEVO_BACKEND``
+environment variable (read by :func:`default_name`, and by the command line for ``--backend``), then
+the fastest available CPU backend: ``numba`` when it is installed and its probe passes, else
+``reference``. The GPU backend (``cupy``) is never chosen implicitly. Asking for an unavailable
+backend is an error that says why; there is never a silent fallback.
 """
 from __future__ import annotations
 

@@ -179,7 +179,8 @@ def _longrope(theta: float, rotary_dim: int, params: Mapping[str, Any], seq_len)
     except (TypeError, ValueError):
         raise ConfigError(f"rope scaling field {key!r} must be a list of numbers, got {params.get(key)!r}") from None
     if ext.shape != (rotary_dim // 2,) or not np.all(np.isfinite(ext) & (ext > 0)):
-        raise ConfigError(f"rope scaling field {key!r} must list {rotary_dim // 2} positive numbers, got {ext.tolist()}")
+        raise ConfigError(f"rope scaling field {key!r} must list {rotary_dim // 2} positive numbers, "
+                          f"got {ext.tolist()}")
     power = _theta_powers(theta, rotary_dim)                                      # [R/2] f32
     return (np.float32(1.0) / (ext * power)).astype(np.float32), float(attention_factor)
 

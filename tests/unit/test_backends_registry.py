@@ -33,8 +33,9 @@ def test_unknown_backend_is_a_clear_error():
 def test_unavailable_backend_is_an_error_not_a_fallback():
     avail = backends.available()
     for name, reason in avail.unavailable.items():
-        with pytest.raises(gptevo.BackendError, match="not available"):
+        with pytest.raises(gptevo.BackendError, match="not available") as excinfo:
             backends.get(name)
+        assert reason in str(excinfo.value)
 
 
 def test_missing_ops_are_listed():
@@ -62,7 +63,7 @@ def test_missing_op_attribute_is_a_backend_error_and_an_attribute_error():
     b = backends.Backend("partial", {"rms_norm": lambda **kw: None})
     assert hasattr(b, "rms_norm") and not hasattr(b, "attention")
     with pytest.raises(gptevo.BackendError, match="no op 'attention'"):
-        b.attention
+        _ = b.attention
 
 
 def test_default_is_the_fastest_cpu_backend(monkeypatch):

@@ -101,7 +101,7 @@ def test_property_random_valid_files_round_trip(tmp_path_factory, spec):
     dtypes = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "u8": np.uint8, "bool": np.bool_,
               "bf16": ml_dtypes.bfloat16}
     arrays = {}
-    for i, (name, (dt, shape)) in enumerate(spec.items()):
+    for name, (dt, shape) in spec.items():
         n = int(np.prod(shape, dtype=np.int64)) if shape else 1
         arrays[name] = (np.arange(n) % 2 == 1 if dt == "bool" else np.arange(n)).astype(dtypes[dt]).reshape(shape)
     path = write(tmp_path_factory.mktemp("p") / "r.safetensors", build(arrays))

@@ -104,7 +104,8 @@ def test_llama3_and_4x_keys():
     assert c4.rope_scaling == c.rope_scaling and c4.rope_theta == c.rope_theta and c4.torch_dtype == "bfloat16"
     both = cfg("llama3", attention_bias=True, mlp_bias=True)
     assert both.qkv_bias and both.o_bias and both.mlp_bias
-    assert cfg("llama3", rope_parameters=None).rope_theta == 10000.0 and cfg("llama3", rope_parameters=None).rope_scaling == ()
+    no_rope = cfg("llama3", rope_parameters=None)
+    assert no_rope.rope_theta == 10000.0 and no_rope.rope_scaling == ()
     assert cfg("llama3", head_dim=None, hidden_size=96, num_attention_heads=4).head_dim == 24
 
 
@@ -222,7 +223,8 @@ def test_gpt_oss_hf():
     assert (c.mlp, c.expert_activation, c.router_order) == ("moe", "clamped_swiglu", "topk_softmax")
     assert c.attention_sinks and c.qkv_bias and c.o_bias and not c.tie_word_embeddings
     assert c.layer_types == ("sliding", "full") and c.sliding_window == 128
-    assert (s["rope_type"], s["factor"], s["beta_fast"], s["beta_slow"], s["truncate"]) == ("yarn", 32.0, 32.0, 1.0, False)
+    yarn = (s["rope_type"], s["factor"], s["beta_fast"], s["beta_slow"], s["truncate"])
+    assert yarn == ("yarn", 32.0, 32.0, 1.0, False)
     assert c.rope_theta == 150000.0 and c.swiglu_limit == 7.0 and c.swiglu_alpha == 1.702
     assert (c.num_experts, c.experts_per_token, c.moe_intermediate_size) == (4, 2, 128)
     d = dict(V5["gpt_oss"])
@@ -329,6 +331,6 @@ def test_gpt_oss_120b_published_hf_config():
     assert c.window_for_layer(0) == 128 and c.window_for_layer(35) is None and c.rope_theta == 150000.0
     s = dict(c.rope_scaling)
     assert s["truncate"] is False and s["original_max_position_embeddings"] == 4096 and s["factor"] == 32.0
-    merged = merge_generation_config(c, {"bos_token_id": 199998, "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999},
-                                     "gen.json")
+    merged = merge_generation_config(c, {"bos_token_id": 199998, "eos_token_id": [200002, 199999, 200012],
+                                         "pad_token_id": 199999}, "gen.json")
     assert merged.eos_token_ids == (200002, 199999, 200012) and merged.bos_token_id == 199998

@@ -13,12 +13,16 @@ def test_shape_dtype_nan_inf_and_error_are_caught():
     a = np.ones((2, 3), np.float32)
     assert compare(a.reshape(3, 2), a, 1.0).what == "shape"
     assert compare(a.astype(np.float64), a, 1.0).what == "dtype"
-    b = a.copy(); b[0, 0] = np.nan
+    b = a.copy()
+    b[0, 0] = np.nan
     assert compare(b, a, 1.0).what == "nan"
-    c = a.copy(); c[1, 1] = np.inf
-    d = a.copy(); d[1, 1] = -np.inf
+    c = a.copy()
+    c[1, 1] = np.inf
+    d = a.copy()
+    d[1, 1] = -np.inf
     assert compare(c, d, 1.0).what == "inf"
-    e = a.copy(); e[0, 1] += 1e-3
+    e = a.copy()
+    e[0, 1] += 1e-3
     assert compare(e, a, 1e-4).what == "error"
     assert compare(e, a, 1e-2) is None
 

@@ -264,7 +264,6 @@ def run_worker() -> int:
     from gptevo.conformance.runner import iter_cases, tolerance_for
     from gptevo.generation import Sampling, sample_token
     from gptevo.model import Model
-    from gptevo.ops import REGISTRY
     from gptevo.backends.cupy._ops import KERNEL_OPS
 
     backend, impl = make_fake_backend()

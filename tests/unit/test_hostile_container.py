@@ -42,7 +42,8 @@ def test_a3_header_length_huge(tmp_path, n):
     bad(tmp_path, struct.pack("<Q", n) + b"{}", "header too large")
 
 
-@pytest.mark.parametrize("header,match", [(b"\xff", "must begin with"), (b'{"\xff": 1}', "UTF-8 at byte 2"), (b"{", "line 1 column 2"),
+@pytest.mark.parametrize("header,match", [(b"\xff", "must begin with"), (b'{"\xff": 1}', "UTF-8 at byte 2"),
+                                          (b"{", "line 1 column 2"),
                                           (b"[]", "must begin with"), (b'{"a": [1, 2]} x', "invalid JSON"),
                                           (b"  {}", "must begin with"), (b"{}\x00\x00", "invalid JSON"),
                                           (b'"str"', "must begin with")])

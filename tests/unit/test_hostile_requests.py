@@ -32,7 +32,8 @@ CFG = {"model_type": "llama", "vocab_size": V, "hidden_size": 16, "intermediate_
 def model_dir(root, name="m", tokenizer=TOK, mutate=None) -> str:
     d = os.path.join(str(root), name)
     os.makedirs(d, exist_ok=True)
-    t = hf_tensors(config_from_dict(CFG, "test"), store_dtype(make_roles(config_from_dict(CFG, "test"), 11), np.float32))
+    config = config_from_dict(CFG, "test")
+    t = hf_tensors(config, store_dtype(make_roles(config, 11), np.float32))
     t = {k: np.asarray(v, np.float32) for k, v in t.items()}
     if mutate is not None:
         mutate(t)
@@ -175,7 +176,8 @@ def test_g3_keyboard_interrupt_in_the_cli_exits_130_without_traceback(model, mon
 
     monkeypatch.setattr(cli, "load_model", lambda path, backend, err=None, weights="stored": Interrupting())
     out, err = io.StringIO(), io.StringIO()
-    rc = cli.main(["generate", "--model", "m", "--max-new-tokens", "4", "--ids", "1 2"], env={}, stdin=io.StringIO(""), stdout=out, stderr=err)
+    rc = cli.main(["generate", "--model", "m", "--max-new-tokens", "4", "--ids", "1 2"], env={},
+                  stdin=io.StringIO(""), stdout=out, stderr=err)
     assert rc == 130 and "Traceback" not in err.getvalue()
 
 
@@ -184,7 +186,8 @@ def test_g5_cli_errors_are_one_line_without_traceback(tmp_path):
         t["model.norm.weight"][0] = np.nan
     d = model_dir(tmp_path, mutate=mutate)
     out, err = io.StringIO(), io.StringIO()
-    rc = cli.main(["generate", "--model", d, "--max-new-tokens", "4", "--ids", "1 2"], env={}, stdin=io.StringIO(""), stdout=out, stderr=err)
+    rc = cli.main(["generate", "--model", d, "--max-new-tokens", "4", "--ids", "1 2"], env={},
+                  stdin=io.StringIO(""), stdout=out, stderr=err)
     assert rc != 0 and "Traceback" not in err.getvalue() and "non-finite" in err.getvalue()
     assert err.getvalue().startswith("gptevo: error:")
 

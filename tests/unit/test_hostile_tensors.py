@@ -169,7 +169,8 @@ def test_b3_config_disagreeing_with_tensors_fails_before_any_allocation(tmp_path
     d = make(tmp_path)
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump({**LLAMA_CFG, "hidden_size": 40, "head_dim": 10}, f)
-    with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight' has shape \[64, 32\], expected \[64, 40\]"):
+    shape_msg = r"model\.embed_tokens\.weight' has shape \[64, 32\], expected \[64, 40\]"
+    with pytest.raises(CheckpointError, match=shape_msg):
         gptevo.load(d)
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump({**LLAMA_CFG, "vocab_size": 2**24, "num_hidden_layers": 4096, "intermediate_size": 2**20,

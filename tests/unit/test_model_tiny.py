@@ -469,7 +469,10 @@ def test_ring_buffer_keeps_last_window_positions():
     c, W, G, Dh = LLAMA, 4, LLAMA.num_kv_heads, LLAMA.head_dim   # layer 0 slides (W=4), layer 1 full
     cache = KVCache(c, max_tokens=20)
     assert cache.keys[0].shape == (W, G, Dh) and cache.keys[1].shape == (20, G, Dh)
-    key = lambda p: np.full((G, Dh), float(p), np.float32)   # key of position p is filled with p
+
+    def key(p):                                              # key of position p is filled with p
+        return np.full((G, Dh), float(p), np.float32)
+
     start = 0
     for size in (3, 6, 1, 2):                                # 12 positions, one chunk longer than W
         pos = np.arange(start, start + size)

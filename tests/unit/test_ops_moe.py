@@ -253,9 +253,9 @@ def test_aux_loss_matches_its_equation(t, e, data):
 
 
 def test_aux_loss_is_one_for_uniform_routing_and_e_for_collapse():
-    e, k = 4, 2
+    e = 4
     probs = np.full((8, e), 1 / e)
-    ids = np.array([[(2 * t) % e, (2 * t + 1) % e] for t in range(8)])    # each expert 4 of 16 slots
+    ids = np.array([[(2 * t) % e, (2 * t + 1) % e] for t in range(8)])    # top-2: each expert 4 of 16 slots
     assert moe_aux_loss(router_probs=probs, ids=ids) == pytest.approx(1.0, rel=1e-15)
     collapsed = np.zeros((8, e))
     collapsed[:, 2] = 1.0

@@ -41,7 +41,8 @@ def test_scores_depend_only_on_relative_distance(layout, interleaved, p, m, shif
     shift = (p2 - p) if (p2 - p) == (m2 - m) else 0
     rng = np.random.default_rng(seed)
     q, k = rng.standard_normal((2, 1, 1, dh))
-    s1 = np.sum(rotate(q, [p], interleaved=interleaved, rotary_dim=r) * rotate(k, [m], interleaved=interleaved, rotary_dim=r))
+    s1 = np.sum(rotate(q, [p], interleaved=interleaved, rotary_dim=r)
+                * rotate(k, [m], interleaved=interleaved, rotary_dim=r))
     s2 = np.sum(rotate(q, [p + shift], interleaved=interleaved, rotary_dim=r)
                 * rotate(k, [m + shift], interleaved=interleaved, rotary_dim=r))
     assert s1 == pytest.approx(s2, abs=1e-9 * (1 + abs(s1)))
@@ -224,7 +225,8 @@ def test_llama3_rule_from_published_parameters():
     expected = np.array(expected)
     np.testing.assert_allclose(inv, expected, rtol=1e-6)
     # all three bands are populated by these parameters
-    assert (wavelen < 2048).sum() > 0 and (wavelen > 8192).sum() > 0 and ((wavelen >= 2048) & (wavelen <= 8192)).sum() > 0
+    assert (wavelen < 2048).sum() > 0 and (wavelen > 8192).sum() > 0
+    assert ((wavelen >= 2048) & (wavelen <= 8192)).sum() > 0
 
 
 def test_linear_rule_divides_positions_by_factor():

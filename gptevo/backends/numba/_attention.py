@@ -13,7 +13,7 @@ import math
 import numba
 import numpy as np
 
-from gptevo.backends.numba._common import as_compute, compute_dtype, dot, jit, pjit, prange, run_parallel
+from gptevo.backends.numba._common import as_compute, compute_dtype, jit, prange
 from gptevo.backends.numba._attention_blocked import MIN_QUERIES, attention_blocked
 from gptevo.errors import RequestError
 

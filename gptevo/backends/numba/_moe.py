@@ -154,7 +154,8 @@ def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activatio
     n_t, k = ids_arr.shape
     if n_t == 1 and dtype == np.float32 and is_mxfp4(w_gate_up) and is_mxfp4(w_down) and _decode_kernels_ok():
         return _moe_decode_mxfp4(as_compute(x_arr, dtype, "moe_experts: x"),
-                                 as_compute(w_arr, dtype, "moe_experts: weights"), ids_arr.astype(np.int64), w_gate_up, w_down, b_gu if has_b_gu else None,
+                                 as_compute(w_arr, dtype, "moe_experts: weights"), ids_arr.astype(np.int64),
+                                 w_gate_up, w_down, b_gu if has_b_gu else None,
                                  b_dn if has_b_dn else None, act == "clamped_swiglu", alpha, limit)
     if n_t > 1 and dtype == np.float32 and is_mxfp4(w_gate_up) and is_mxfp4(w_down) and _decode_kernels_ok():
         from gptevo.backends.numba import _mxfp4_gemv as mg
