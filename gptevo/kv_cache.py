@@ -83,6 +83,27 @@ class KVCache:
         self._staged = {}
         self.broken = None
 
+    def grow(self, max_tokens: int) -> None:
+        """Make room for ``max_tokens`` positions (at least the current ``max_tokens``), keeping every
+        cached key, value and position: the buffers are reallocated and the used slots copied (a slot
+        index never changes: full layers and not-yet-wrapped rings store position p in slot p)."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) \
+                or max_tokens < self.max_tokens:
+            raise RequestError(f"grow: max_tokens must be an integer >= the current {self.max_tokens}, "
+                               f"got {max_tokens!r}")
+        zeros = np.zeros if self.arrays is None else self.arrays.zeros
+        full = np.full if self.arrays is None else self.arrays.full
+        for layer, w in enumerate(self.windows):
+            K, V, P = self.keys[layer], self.values[layer], self.positions[layer]
+            old, slots = K.shape[0], int(max_tokens) if w is None else min(w, int(max_tokens))
+            if slots == old:
+                continue
+            K2, V2 = zeros((slots, *K.shape[1:]), self.dtype), zeros((slots, *V.shape[1:]), self.dtype)
+            P2 = full(slots, -1, np.int64)                                            # [slots]
+            K2[:old], V2[:old], P2[:old] = K, V, P
+            self.keys[layer], self.values[layer], self.positions[layer] = K2, V2, P2
+        self.max_tokens = int(max_tokens)
+
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
 

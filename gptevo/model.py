@@ -229,6 +229,71 @@ class Model:
                 cache.broken = f"{type(exc).__name__} at position {before}"
             raise
 
+    def forward_batch(self, token_ids, caches) -> np.ndarray:
+        """float32 logits ``[B, vocab]``: one new token per sequence, ``token_ids[b]`` at position
+        ``caches[b].length``, appended to ``caches[b]`` (B distinct caches, each its own sequence).
+
+        One weight pass for all B rows: embeddings, norms, projections, MLPs, MoE and the output head
+        run on the stacked ``[B, D]`` matrix; positions (learned, sinusoidal, RoPE) are per row, and
+        attention runs per sequence against its own cache (spec/batching.md). Row b equals, within the
+        ops' conformance tolerance, ``forward([token_ids[b]], caches[b])``. Backends with their own
+        arrays (cupy) run the rows one at a time through ``forward``. Non-finite logits in any row
+        raise NumericalError naming the row (every cache has then taken its token).
+        """
+        ids, caches = self._check_batch(token_ids, caches)
+        logits = self._forward_rows(ids, caches)                                     # [B,V]
+        if self.check_finite and not np.isfinite(logits).all():
+            b = int(np.flatnonzero(~np.isfinite(logits).all(axis=1))[0])
+            try:
+                self._finite(logits[b:b + 1], caches[b].length - 1)
+            except NumericalError as exc:
+                raise NumericalError(f"batch row {b}: {exc}") from None
+        return logits
+
+    def _forward_rows(self, ids: np.ndarray, caches: list) -> np.ndarray:
+        """``forward_batch`` on checked input, without the finiteness check: host float32 ``[B,V]``."""
+        if backend_arrays(self.backend) is not None:   # device arrays: one sequence at a time
+            rows = [_host(self.forward_on_backend(ids[b:b + 1], cache)) for b, cache in enumerate(caches)]
+            return np.concatenate(rows).astype(np.float32, copy=False)                # [B,V]
+        before = [cache.length for cache in caches]
+        try:
+            return _host(self._run_rows(ids, caches)).astype(np.float32, copy=False)  # [B,V]
+        except BaseException as exc:
+            for cache, n in zip(caches, before):
+                if any(m != n for m in cache._lengths):
+                    cache.broken = f"{type(exc).__name__} at position {n} (batched step)"
+            raise
+
+    def _check_batch(self, token_ids, caches):
+        """(ids int64 [B], list of B KVCaches); RequestError naming the bad row or cache."""
+        if not isinstance(caches, (list, tuple)) or not caches:
+            raise RequestError(f"caches must be a non-empty list of KVCache, got {type(caches).__name__}")
+        if len({id(c) for c in caches}) != len(caches):
+            raise RequestError("caches must be distinct: each row is its own sequence with its own cache")
+        if isinstance(token_ids, np.ndarray) or isinstance(token_ids, (list, tuple)):
+            if len(token_ids) != len(caches):
+                raise RequestError(f"forward_batch: {len(token_ids)} token ids for {len(caches)} caches; "
+                                   f"give one new token per sequence")
+        for b, cache in enumerate(caches):
+            if not isinstance(cache, KVCache):
+                raise RequestError(f"caches[{b}] must be a KVCache from model.new_cache(), got "
+                                   f"{type(cache).__name__}")
+            if cache.num_layers != self.config.num_layers:
+                raise RequestError(f"caches[{b}] has {cache.num_layers} layers, the model has "
+                                   f"{self.config.num_layers}")
+            if cache.broken is not None:
+                raise RequestError(f"caches[{b}] was left incomplete by a failed forward ({cache.broken}); "
+                                   f"call cache.reset() or make a new cache")
+            if cache.length + 1 > cache.max_tokens:
+                raise RequestError(f"KV cache overflow in caches[{b}]: {cache.length} cached + 1 new token, "
+                                   f"but the cache holds max_tokens={cache.max_tokens}")
+        ids = self._check_ids(token_ids, start=None)                                  # [B]
+        for b, cache in enumerate(caches):
+            if cache.length + 1 > self.config.context_length:
+                raise RequestError(f"caches[{b}]: position {cache.length} is beyond the model's context of "
+                                   f"{self.config.context_length} positions")
+        return ids, list(caches)
+
     def trace(self, token_ids) -> dict[str, np.ndarray]:
         """Named intermediates of a full-sequence forward, in order of computation.
 
@@ -261,8 +326,9 @@ class Model:
                              f"{self.dtype.name} (try dtype='float64')")
 
     # -- input checks ----------------------------------------------------------------------------
-    def _check_ids(self, token_ids, start: int) -> np.ndarray:
-        """token_ids as int64 [T]; RequestError for empty, non-integer, out-of-range or too long input."""
+    def _check_ids(self, token_ids, start: int | None) -> np.ndarray:
+        """token_ids as int64 [T]; RequestError for empty, non-integer, out-of-range or too long input
+        (``start=None``: ids of different sequences, no length check)."""
         V, P = self.config.vocab_size, self.config.context_length
         if isinstance(token_ids, np.ndarray):
             if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu":
@@ -286,7 +352,7 @@ class Model:
         if bad.size:
             raise RequestError(f"token id {int(ids[bad[0]])} at index {int(bad[0])} is out of range; "
                                f"ids must be in [0, {V}) (vocab_size={V})")
-        if start + ids.size > P:
+        if start is not None and start + ids.size > P:
             raise RequestError(f"sequence of {start + ids.size} positions ({start} cached + {ids.size} new) "
                                f"exceeds the model's context of {P} positions")
         return ids
@@ -331,6 +397,53 @@ class Model:
         logits = B.linear(x=x, weight=w.lm_head)                                     # [T,V]
         rec("logits", logits)
         return logits                   # [T,V] the backend's array; forward/logits convert it
+
+    def _run_rows(self, ids: np.ndarray, caches: list) -> np.ndarray:
+        """One decode step of B sequences: ``ids[b]`` at position ``caches[b].length`` (host arrays)."""
+        check = getattr(self.checkpoint, "check_unchanged", None)
+        if check is not None:
+            check()
+        c, w, B = self.config, self.weights, self.backend
+        rec = lambda name, value: None                                                 # noqa: E731
+        pos = np.array([cache.length for cache in caches], dtype=np.int64)             # [B]
+        x = B.embedding(table=w.embed, ids=ids).astype(self.dtype, copy=False)       # [B,D]
+        if c.embedding_scale != 1.0:
+            x = x * self.dtype.type(c.embedding_scale)                               # [B,D]
+        if c.position == "learned":
+            x = x + B.learned_positions(table=w.pos_embed, positions=pos)            # [B,D]
+        elif c.position == "sinusoidal":
+            x = x + B.sinusoidal_positions(positions=pos, dim=c.hidden_size, dtype=self.dtype.name)
+        rope = self._rope_rows(pos) if c.position == "rope" else None                # ([B,R/2],)*2
+        slopes = B.alibi_slopes(num_heads=c.num_heads) if c.position == "alibi" else None    # [H]
+        for i, layer in enumerate(w.layers):
+            x = self._block(i, layer, x, pos, rope, slopes, caches, rec)              # [B,D]
+        x = self._norm(x, w.final_norm, w.final_norm_bias)                            # [B,D]
+        return B.linear(x=x, weight=w.lm_head)                                       # [B,V]
+
+    def _rope_rows(self, pos: np.ndarray):
+        """cos, sin ``[B, R/2]`` for rows at positions ``pos`` [B], each with the frequencies a forward
+        ending at its own position uses (dynamic and longrope scaling depend on that length)."""
+        groups: dict[tuple, list[int]] = {}
+        freqs = {}
+        for b, p in enumerate(pos.tolist()):
+            inv_freq, factor = self._rope_frequencies(p + 1)
+            key = (inv_freq.tobytes(), float(factor))
+            groups.setdefault(key, []).append(b)
+            freqs[key] = (inv_freq, factor)
+        if len(groups) == 1:
+            inv_freq, factor = next(iter(freqs.values()))
+            return self.backend.rope_cos_sin(positions=pos, inv_freq=inv_freq, attention_factor=factor)
+        cos = sin = None
+        for key, rows in groups.items():
+            inv_freq, factor = freqs[key]
+            rows_ = np.array(rows, dtype=np.int64)                                     # [b]
+            c_, s_ = self.backend.rope_cos_sin(positions=pos[rows_], inv_freq=inv_freq,
+                                               attention_factor=factor)                # ([b,R/2],)*2
+            if cos is None:
+                cos = np.empty((pos.shape[0], c_.shape[1]), c_.dtype)                  # [B,R/2]
+                sin = np.empty((pos.shape[0], s_.shape[1]), s_.dtype)                  # [B,R/2]
+            cos[rows_], sin[rows_] = c_, s_
+        return cos, sin
 
     def _rope_frequencies(self, seq_len: int):
         from gptevo.ops.rope import rope_frequencies   # a helper, not a backend op
@@ -386,13 +499,17 @@ class Model:
             k = B.apply_rope(x=k, cos=cos, sin=sin, interleaved=c.rope_interleaved)   # [T,G,Dh]
             rec(f"layer{i}.q_rope", q)
             rec(f"layer{i}.k_rope", k)
+        scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(Dh)
+        if getattr(c, "attn_scale_inverse_layer", False):
+            scale = scale / (i + 1)                                                    # GPT-2 option
+        if isinstance(cache, list):   # a batched step: row b is sequence b, attending to its own cache
+            o = self._attention_rows(i, L, q, k, v, pos, cache, scale, slopes)          # [B,H,Dh]
+            rec(f"layer{i}.attn", o)
+            return B.linear(x=o.reshape(T, H * Dh), weight=L.wo, bias=L.bo)           # [B,D]
         if cache is not None:
             k_all, v_all, k_pos = cache.view(i, k, v, pos)                            # [S,G,Dh], [S]
         else:
             k_all, v_all, k_pos = k, v, pos
-        scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(Dh)
-        if getattr(c, "attn_scale_inverse_layer", False):
-            scale = scale / (i + 1)                                                    # GPT-2 option
         o = B.attention(q=q, k=k_all, v=v_all, q_positions=pos, k_positions=k_pos,
                         window=c.window_for_layer(i), sinks=L.sinks, scale=scale,
                         alibi_slopes=slopes)                                           # [T,H,Dh]
@@ -400,6 +517,22 @@ class Model:
             cache.commit(i, k, v, pos)
         rec(f"layer{i}.attn", o)
         return B.linear(x=o.reshape(T, H * Dh), weight=L.wo, bias=L.bo)               # [T,D]
+
+    def _attention_rows(self, i: int, L: LayerWeights, q, k, v, pos, caches, scale, slopes):
+        """Attention of a batched step: query row b ``[1,H,Dh]`` against ``caches[b]`` plus its new key."""
+        c, B = self.config, self.backend
+        out = None
+        for b, cache in enumerate(caches):
+            rows = slice(b, b + 1)
+            k_all, v_all, k_pos = cache.view(i, k[rows], v[rows], pos[rows])           # [S,G,Dh], [S]
+            o = B.attention(q=q[rows], k=k_all, v=v_all, q_positions=pos[rows], k_positions=k_pos,
+                            window=c.window_for_layer(i), sinks=L.sinks, scale=scale,
+                            alibi_slopes=slopes)                                       # [1,H,Dh]
+            cache.commit(i, k[rows], v[rows], pos[rows])
+            if out is None:
+                out = np.empty((len(caches),) + o.shape[1:], o.dtype)                  # [B,H,Dh]
+            out[b] = o[0]
+        return out
 
     def _mlp(self, i: int, L: LayerWeights, h, rec):
         c, B = self.config, self.backend
