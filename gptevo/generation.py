@@ -10,22 +10,35 @@ that token back with ``model.forward([token], cache)``. The last sampled token i
 
 Sampling (names and order as in Hugging Face ``generate``), on the float64 logits ``z`` of one step:
 
+0. ``repetition_penalty`` (1 = off; HF ``RepetitionPenaltyLogitsProcessor``): for every token id seen
+   so far in this sequence (prompt and generated, each id once), ``z /= p`` where ``z > 0`` and
+   ``z *= p`` where ``z < 0``. It applies to greedy decoding too.
 1. ``temperature == 0``: greedy, ``argmax z`` (ties go to the lowest id). Otherwise ``z / temperature``.
-2. ``top_k`` (0 or None = off): keep the ``k`` largest logits (ties broken towards lower ids).
-3. ``top_p`` (None or 1 = off): nucleus; sort the kept tokens by probability (descending, ties by id)
+2. ``top_k`` (0 = off): keep the ``k`` largest logits (ties broken towards lower ids).
+3. ``top_p`` (1 = off): nucleus; sort the kept tokens by probability (descending, ties by id)
    and keep the smallest prefix whose cumulative probability is ``>= top_p`` (at least one token).
-4. Draw: ``u = rng.random()`` with ``rng = np.random.default_rng(seed)`` (one generator per call, so the
-   same seed gives the same output); the token is the first kept id, in ascending id order, whose
-   cumulative probability exceeds ``u``.
+4. ``min_p`` (0 = off; HF ``MinPLogitsWarper``): keep the tokens whose probability (after 1-3) is at
+   least ``min_p`` times the largest one's (the most likely token always stays).
+5. Draw: ``u = rng.random()`` with ``rng = np.random.default_rng(seed)`` (one generator per sequence,
+   so the same seed gives the same output); the token is the first kept id, in ascending id order,
+   whose cumulative probability exceeds ``u``.
+
+The state a sequence carries between steps (its generator and the ids it has seen) lives in one
+:class:`TokenSampler` per sequence, so that several sequences decoded together keep theirs apart.
+Defaults: an argument left as None takes the model's ``generation_config.json`` value
+(gptevo/generation_config.py), else the "off" value above (temperature 1).
 
 On a backend whose arrays sample on the device (cupy), the logits never leave the device: the same
 rules run in one kernel (gptevo/backends/cupy/kernels/sampling.cu) with the same draws ``u``, and only
-the token id crosses to the host per step. It sums in a different order than NumPy, so a draw that
+the token id crosses to the host per step. The kernel implements temperature, top-k and top-p only: with
+``repetition_penalty`` or ``min_p`` set, each step's logits row is copied to the host and sampled there
+(:attr:`Sampling.on_device` is False), never ignored. It sums in a different order than NumPy, so a draw that
 falls within rounding of a boundary between two tokens may pick the neighbour; otherwise the tokens
 are those of the host sampler for the same seed.
 
 Stopping: the model's eos ids (``config.eos_token_ids``: config.json and generation_config.json),
-``stop_token_ids``, ``stop`` strings (text prompts only), or ``max_new_tokens``. With a token-id prompt
+``stop_token_ids``, ``stop`` strings (text prompts only), or ``max_new_tokens`` (None: until an eos
+token or the end of the model's context). With a token-id prompt
 the returned list includes the stop/eos token that ended generation (as HF ``generate`` does); text
 output never contains it, and never contains a stop string (the text ends just before it).
 
@@ -35,12 +48,14 @@ until it completes) nor with a possible beginning of a stop string.
 
 Context: ``len(prompt) + max_new_tokens > max_position_embeddings`` is a RequestError naming both
 numbers, unless ``truncation="left"``: then only the last ``max_position_embeddings - max_new_tokens``
-prompt tokens are kept (the start of the prompt is dropped).
+prompt tokens are kept (the start of the prompt is dropped). With ``max_new_tokens=None`` the budget is
+what the prompt leaves of the context (a prompt that fills it is a RequestError).
 """
 from __future__ import annotations
 
 import math
 import os
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -64,10 +79,17 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def on_device(self) -> bool:
+        """True when a device sampling kernel (temperature, top-k, top-p) implements every rule set."""
+        return self.min_p == 0.0 and self.repetition_penalty == 1.0
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -79,9 +101,13 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
-def check_sampling(temperature=1.0, top_k=None, top_p=None, seed=None, vocab_size: int | None = None) -> Sampling:
+def check_sampling(temperature=1.0, top_k=None, top_p=None, seed=None, vocab_size: int | None = None, *,
+                   min_p=None, repetition_penalty=None) -> Sampling:
     """RequestError naming the parameter for: temperature < 0, NaN or inf; top_k < 0, > vocab_size or
-    not an int; top_p outside (0, 1]; a negative or non-integer seed (reliability F4)."""
+    not an int; top_p outside (0, 1]; min_p outside [0, 1]; repetition_penalty <= 0, NaN or inf; a
+    negative or non-integer seed (reliability F4). None means off (temperature: 1)."""
+    if temperature is None:
+        temperature = 1.0
     if not _is_number(temperature) or not math.isfinite(float(temperature)) or temperature < 0:
         raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is None:
@@ -96,12 +122,26 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, seed=None, vocab_siz
         raise RequestError(f"top_p must be a number in (0, 1] (1 or None = off), got {top_p!r}")
     if seed is not None and (not _is_int(seed) or seed < 0):
         raise RequestError(f"seed must be a non-negative integer or None, got {seed!r}")
-    return Sampling(float(temperature), int(top_k), float(top_p), None if seed is None else int(seed))
+    if min_p is None:
+        min_p = 0.0
+    if not _is_number(min_p) or not math.isfinite(float(min_p)) or not 0.0 <= min_p <= 1.0:
+        raise RequestError(f"min_p must be a number in [0, 1] (0 or None = off), got {min_p!r}")
+    if repetition_penalty is None:
+        repetition_penalty = 1.0
+    if not _is_number(repetition_penalty) or not math.isfinite(float(repetition_penalty)) \
+            or repetition_penalty <= 0:
+        raise RequestError(f"repetition_penalty must be a finite number > 0 (1 or None = off), "
+                           f"got {repetition_penalty!r}")
+    return Sampling(float(temperature), int(top_k), float(top_p), None if seed is None else int(seed),
+                    float(min_p), float(repetition_penalty))
 
 
-def check_max_new_tokens(n) -> int:
+def check_max_new_tokens(n) -> int | None:
+    """A positive int, or None (until an eos token or the end of the context; see fit_context)."""
+    if n is None:
+        return None
     if not _is_int(n) or n <= 0:
-        raise RequestError(f"max_new_tokens must be a positive integer, got {n!r}")
+        raise RequestError(f"max_new_tokens must be a positive integer or None (no limit), got {n!r}")
     if n > MAX_NEW_TOKENS:
         raise RequestError(f"max_new_tokens={n} is absurd; at most {MAX_NEW_TOKENS} (and the model's context)")
     return int(n)
@@ -154,11 +194,26 @@ def check_stop_token_ids(ids, vocab_size: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def fit_context(prompt_ids: list[int], max_new_tokens: int, context: int, truncation) -> list[int]:
-    """The prompt, left-truncated when asked, so that prompt + new tokens fit ``context`` (F1, F7)."""
+def new_token_budget(n_prompt: int, max_new_tokens: int | None, context: int) -> int:
+    """``max_new_tokens``, or for None what a prompt of ``n_prompt`` tokens leaves of ``context``."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if n_prompt >= context:
+        raise RequestError(f"prompt of {n_prompt} tokens fills the model's context of {context} positions, "
+                           f"leaving no room for max_new_tokens=None (no limit); shorten the prompt, or give "
+                           f"max_new_tokens with truncation='left'")
+    return context - n_prompt
+
+
+def fit_context(prompt_ids: list[int], max_new_tokens: int | None, context: int, truncation) -> list[int]:
+    """The prompt, left-truncated when asked, so that prompt + new tokens fit ``context`` (F1, F7).
+    ``max_new_tokens=None`` takes what the prompt leaves (:func:`new_token_budget`)."""
     if truncation not in TRUNCATION:
         raise RequestError(f"truncation must be None or 'left', got {truncation!r}")
     n = len(prompt_ids)
+    if max_new_tokens is None:
+        new_token_budget(n, None, context)
+        return prompt_ids
     if n + max_new_tokens <= context:
         return prompt_ids
     if truncation == "left" and max_new_tokens < context:
@@ -169,11 +224,26 @@ def fit_context(prompt_ids: list[int], max_new_tokens: int, context: int, trunca
 
 
 # -- sampling ------------------------------------------------------------------------------------
-def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator | None) -> int:
-    """One token id from a row of logits ``[V]`` (module doc: temperature, top-k, top-p, draw)."""
+def apply_repetition_penalty(logits: np.ndarray, seen, penalty: float) -> np.ndarray:
+    """A float64 copy of ``logits [V]`` with the seen ids' logits divided by ``penalty`` where positive,
+    multiplied by it where negative (HF RepetitionPenaltyLogitsProcessor; each id once)."""
+    z = np.array(logits, dtype=np.float64)                           # [V] copy
+    ids = np.unique(np.asarray(list(seen) if isinstance(seen, (set, frozenset)) else seen,
+                               dtype=np.int64))                      # [S] distinct seen ids
+    if ids.size:
+        v = z[ids]                                                   # [S]
+        z[ids] = np.where(v > 0, v / penalty, v * penalty)           # [S]
+    return z
+
+
+def token_distribution(logits: np.ndarray, sampling: Sampling, seen=None) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens a sampling step can pick and their probabilities: ``(ids [k] ascending, p [k])`` after
+    the repetition penalty, temperature, top-k, top-p and min-p (module doc, steps 0-4; not greedy).
+    ``seen``: the ids this sequence has seen (prompt + generated; duplicates are fine), used only when
+    ``sampling.repetition_penalty != 1``."""
     z = np.asarray(logits, dtype=np.float64)                         # [V]
-    if sampling.greedy:
-        return int(np.argmax(z))                                     # first maximum = lowest id
+    if sampling.repetition_penalty != 1.0 and seen is not None:
+        z = apply_repetition_penalty(z, seen, sampling.repetition_penalty)   # [V]
     z = z / sampling.temperature                                     # [V]
     order = np.lexsort((np.arange(z.size), -z))                      # [V] by logit desc, then id asc
     if sampling.top_k:
@@ -184,26 +254,136 @@ def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generato
         keep = int(np.searchsorted(np.cumsum(p), sampling.top_p)) + 1   # smallest prefix with cum >= top_p
         order, p = order[:keep], p[:keep]
         p /= p.sum()
+    if sampling.min_p > 0.0:
+        keep = int(np.count_nonzero(p >= sampling.min_p * p[0]))     # p is descending: a prefix; p[0] max
+        order, p = order[:keep], p[:keep]
+        p /= p.sum()
     by_id = np.argsort(order, kind="stable")                         # draw in ascending id order
-    ids, p = order[by_id], p[by_id]
+    return order[by_id], p[by_id]                                    # [k], [k]
+
+
+def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator | None, seen=None) -> int:
+    """One token id from a row of logits ``[V]`` (module doc: repetition penalty, temperature, top-k,
+    top-p, min-p, draw). ``seen``: as in :func:`token_distribution`."""
+    if sampling.greedy:
+        z = np.asarray(logits, dtype=np.float64)                     # [V]
+        if sampling.repetition_penalty != 1.0 and seen is not None:
+            z = apply_repetition_penalty(z, seen, sampling.repetition_penalty)   # [V]
+        return int(np.argmax(z))                                     # first maximum = lowest id
+    ids, p = token_distribution(logits, sampling, seen)              # [k], [k]
     u = rng.random()
     cum = np.cumsum(p)                                               # [k]
     return int(ids[min(int(np.searchsorted(cum, u * cum[-1], side="right")), ids.size - 1)])
 
 
-# -- the decode loop -----------------------------------------------------------------------------
-def token_stream(model, prompt_ids: list[int], *, max_new_tokens: int, sampling: Sampling,
-                 stop_token_ids: Iterable[int] = ()) -> Iterator[int]:
-    """Yield new token ids; the last one is the stop token when a stop/eos id ended generation.
+class TokenSampler:
+    """One sequence's sampling state: its random generator (``default_rng(seed)``, made once) and, for
+    ``repetition_penalty``, the ids it has seen (the prompt, then each token it samples).
 
-    ``prompt_ids`` must already be checked and fit the context (see :func:`fit_context`).
+    ``sampler(row)`` samples from a logits row ``[V]`` and records the token; on a device that samples
+    itself, ``draw()`` gives the step's ``u`` and ``record(token)`` notes the token it picked. Batched
+    decoding keeps one TokenSampler per sequence.
     """
+
+    def __init__(self, sampling: Sampling, prompt_ids: Iterable[int] = ()):
+        self.sampling = sampling
+        self.rng = None if sampling.greedy else np.random.default_rng(sampling.seed)
+        self.seen: set[int] | None = set(map(int, prompt_ids)) if sampling.repetition_penalty != 1.0 else None
+
+    def __call__(self, logits_row) -> int:
+        token = sample_token(logits_row, self.sampling, self.rng, seen=self.seen)
+        self.record(token)
+        return token
+
+    def draw(self) -> float:
+        """The uniform number of one device sampling step (0.0 when greedy, which draws nothing)."""
+        return 0.0 if self.rng is None else float(self.rng.random())
+
+    def record(self, token: int) -> None:
+        if self.seen is not None:
+            self.seen.add(int(token))
+
+
+def sampling_for(model, *, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
+                 seed=None) -> Sampling:
+    """Checked Sampling for ``model``: an argument left None takes the model's ``generation_config.json``
+    value (gptevo/generation_config.py), else the built-in default (temperature 1, filters off)."""
+    from gptevo.generation_config import merge, model_defaults
+
+    a = merge(model_defaults(model), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+              repetition_penalty=repetition_penalty)
+    return check_sampling(a["temperature"], a["top_k"], a["top_p"], seed, vocab_size=model.config.vocab_size,
+                          min_p=a["min_p"], repetition_penalty=a["repetition_penalty"])
+
+
+@dataclass
+class Timings:
+    """What :func:`token_stream` measured, filled in as it runs (for ``--stats``-style summaries).
+
+    prompt_tokens / prompt_s: the prompt's forward pass (prefill), cache allocation and the first
+    token's sampling. new_tokens: tokens yielded. decode_steps / decode_s: the one-token forward
+    passes and their sampling (``new_tokens - 1`` of them), excluding the time the consumer holds the
+    generator between tokens.
+    """
+
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    new_tokens: int = 0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+
+    def add(self, other: "Timings") -> None:
+        """Accumulate another generation's figures (a chat session's replies)."""
+        for name in ("prompt_tokens", "prompt_s", "new_tokens", "decode_steps", "decode_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def _timed(tokens: Iterator[int], timings: Timings | None, n_prompt: int) -> Iterator[int]:
+    """``tokens`` unchanged, with the time spent producing each one recorded in ``timings``."""
+    if timings is None:
+        yield from tokens
+        return
+    timings.prompt_tokens += n_prompt
+    first = True
+    while True:
+        start = time.perf_counter()
+        try:
+            token = next(tokens)
+        except StopIteration:
+            return
+        spent = time.perf_counter() - start
+        if first:
+            timings.prompt_s += spent
+            first = False
+        else:
+            timings.decode_s += spent
+            timings.decode_steps += 1
+        timings.new_tokens += 1
+        yield token
+
+
+# -- the decode loop -----------------------------------------------------------------------------
+def token_stream(model, prompt_ids: list[int], *, max_new_tokens: int | None, sampling: Sampling,
+                 stop_token_ids: Iterable[int] = (), timings: Timings | None = None) -> Iterator[int]:
+    """Yield new token ids; the last one is the stop token when a stop/eos id ended generation.
+    ``timings``, when given, receives what the generation measured (:class:`Timings`).
+
+    ``prompt_ids`` must already be checked and fit the context (see :func:`fit_context`);
+    ``max_new_tokens=None`` runs to the end of the context.
+    """
+    tokens = _token_stream(model, prompt_ids, max_new_tokens, sampling, stop_token_ids)
+    return _timed(tokens, timings, len(prompt_ids)) if timings is not None else tokens
+
+
+def _token_stream(model, prompt_ids, max_new_tokens, sampling, stop_token_ids) -> Iterator[int]:
     stops = set(stop_token_ids)
-    rng = None if sampling.greedy else np.random.default_rng(sampling.seed)
+    sampler = TokenSampler(sampling, prompt_ids)
+    context = getattr(model.config, "context_length", model.config.max_position_embeddings)
+    max_new_tokens = new_token_budget(len(prompt_ids), max_new_tokens, context)
     cache = model.new_cache(len(prompt_ids) + max_new_tokens)
     arrays = device_sampler(model)
     if arrays is not None:
-        yield from _device_stream(model, arrays, cache, prompt_ids, max_new_tokens, sampling, rng, stops)
+        yield from _device_stream(model, arrays, cache, prompt_ids, max_new_tokens, sampler, stops)
         return
     logits = model.forward(prompt_ids, cache, **_last_only(model))    # [1,V] prefill (last row)
     for step in range(max_new_tokens):
@@ -213,7 +393,7 @@ def token_stream(model, prompt_ids: list[int], *, max_new_tokens: int, sampling:
             raise NumericalError(f"non-finite logits at generation step {step} (position "
                                  f"{len(prompt_ids) + step - 1}): logit[{bad}] = {row[bad]}; "
                                  f"the model's weights or activations overflowed")
-        token = sample_token(row, sampling, rng)
+        token = sampler(row)
         yield token
         if token in stops or step == max_new_tokens - 1:
             return
@@ -239,17 +419,25 @@ def device_sampler(model):
     return arrays if arrays is not None and hasattr(arrays, "sample_token") else None
 
 
-def _device_stream(model, arrays, cache, prompt_ids, max_new_tokens, sampling, rng, stops) -> Iterator[int]:
+def _device_stream(model, arrays, cache, prompt_ids, max_new_tokens, sampler, stops) -> Iterator[int]:
     """token_stream on a device backend: logits stay on the device, the token is sampled there with
     the same rules and the same draws ``u = rng.random()``; only the token id (and a non-finite flag)
-    crosses to the host per step."""
+    crosses to the host per step. Rules the kernel lacks (``sampling.on_device`` False: min_p,
+    repetition_penalty) sample on the host from the downloaded logits row instead."""
+    sampling = sampler.sampling
     logits = model.forward_on_backend(prompt_ids, cache, **_last_only(model))   # [1,V] prefill, on the device
     make_runner = getattr(arrays, "decode_runner", None)
     runner = make_runner(model, cache) if make_runner is not None else None
     step_fn = runner if runner is not None else (lambda token: model.forward_on_backend([token], cache))
     for step in range(max_new_tokens):
-        u = 0.0 if sampling.greedy else float(rng.random())
-        token, bad = arrays.sample_token(logits[-1], sampling.temperature, sampling.top_k, sampling.top_p, u)
+        if not sampling.on_device:
+            row = np.asarray(arrays.to_host(logits[-1]))               # [V] on the host
+            bad = -1 if np.isfinite(row).all() else int(np.flatnonzero(~np.isfinite(row))[0])
+            token = sampler(row) if bad < 0 else -1
+        else:
+            token, bad = arrays.sample_token(logits[-1], sampling.temperature, sampling.top_k, sampling.top_p,
+                                             sampler.draw())
+            sampler.record(token)
         if bad >= 0:
             row = arrays.to_host(logits[-1])
             raise NumericalError(f"non-finite logits at generation step {step} (position "
@@ -319,13 +507,14 @@ class TextStream:
         return self._emit(text if cut < 0 else text[:cut])
 
 
-def text_pieces(tokenizer, model, prompt_ids: list[int], *, max_new_tokens: int, sampling: Sampling,
-                stop: tuple[str, ...] = (), stop_token_ids: Iterable[int] = ()) -> Iterator[str]:
+def text_pieces(tokenizer, model, prompt_ids: list[int], *, max_new_tokens: int | None, sampling: Sampling,
+                stop: tuple[str, ...] = (), stop_token_ids: Iterable[int] = (),
+                timings: Timings | None = None) -> Iterator[str]:
     """Generated text pieces (non-empty); the stop/eos token itself is never decoded."""
     stops = set(stop_token_ids)
     stream = TextStream(tokenizer, prompt_ids, stop)
     tokens = token_stream(model, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                          stop_token_ids=stops)
+                          stop_token_ids=stops, timings=timings)
     try:
         for token in tokens:
             if token in stops:
@@ -405,14 +594,19 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 # -- the public function -------------------------------------------------------------------------
-def generate(weights, prompt, *, backend=None, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None,
-             seed=None, stop=None, stop_token_ids=None, stream=False, truncation=None):
-    """Continue ``prompt`` with up to ``max_new_tokens`` tokens.
+def generate(weights, prompt, *, backend=None, max_new_tokens=64, temperature=None, top_k=None, top_p=None,
+             min_p=None, repetition_penalty=None, seed=None, stop=None, stop_token_ids=None, stream=False,
+             truncation=None, timings=None):
+    """Continue ``prompt`` with up to ``max_new_tokens`` tokens (None: until an eos token or the end
+    of the model's context).
 
     weights:  a model directory (loaded with ``gptevo.load(weights, backend)``) or a loaded model.
     prompt:   a str (returns the new text as str, or an iterator of str pieces with ``stream=True``)
               or a list of token ids (returns the list of new ids, ending with the stop/eos id when one
               ended generation; an iterator of ids with ``stream=True``; no tokenizer needed).
+    temperature, top_k, top_p, min_p, repetition_penalty: None takes the model's
+              ``generation_config.json`` value, else the built-in default (temperature 1, filters off).
+    timings:  a :class:`Timings` to fill with the prompt and decode times (optional).
     Sampling, stopping, streaming and context rules: see the module doc. Every invalid argument is a
     RequestError naming it; non-finite logits raise NumericalError. Validation happens at the call,
     also with ``stream=True`` (before the first piece is asked for).
@@ -425,7 +619,10 @@ def generate(weights, prompt, *, backend=None, max_new_tokens=64, temperature=1.
     config = model.config
     V, context = config.vocab_size, getattr(config, "context_length", config.max_position_embeddings)
     n_new = check_max_new_tokens(max_new_tokens)
-    sampling = check_sampling(temperature, top_k, top_p, seed, vocab_size=V)
+    sampling = sampling_for(model, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    if timings is not None and not isinstance(timings, Timings):
+        raise RequestError(f"timings must be a gptevo.generation.Timings or None, got {type(timings).__name__}")
     stops = check_stop(stop)
     stop_ids = tuple(dict.fromkeys((*config.eos_token_ids, *check_stop_token_ids(stop_token_ids, V))))
     if truncation not in TRUNCATION:
@@ -435,17 +632,19 @@ def generate(weights, prompt, *, backend=None, max_new_tokens=64, temperature=1.
         tokenizer = tokenizer_for(model)
         ids = fit_context(check_prompt_ids(encode_prompt(tokenizer, prompt), V), n_new, context, truncation)
         pieces = text_pieces(tokenizer, model, ids, max_new_tokens=n_new, sampling=sampling, stop=stops,
-                             stop_token_ids=stop_ids)
+                             stop_token_ids=stop_ids, timings=timings)
         return pieces if stream else "".join(pieces)
 
     if stops:
         raise RequestError("stop strings need a text prompt; with a token-id prompt use stop_token_ids")
     ids = fit_context(check_prompt_ids(prompt, V), n_new, context, truncation)
-    tokens = token_stream(model, ids, max_new_tokens=n_new, sampling=sampling, stop_token_ids=stop_ids)
+    tokens = token_stream(model, ids, max_new_tokens=n_new, sampling=sampling, stop_token_ids=stop_ids,
+                          timings=timings)
     if stream:
         return tokens
     return list(tokens)
 
 
-__all__ = ["generate", "Sampling", "check_sampling", "sample_token", "token_stream", "text_pieces",
-           "TextStream", "fit_context", "tokenizer_for", "resolve_model"]
+__all__ = ["generate", "Sampling", "check_sampling", "sampling_for", "sample_token", "token_distribution",
+           "apply_repetition_penalty", "TokenSampler", "Timings", "token_stream", "text_pieces", "TextStream", "fit_context",
+           "new_token_budget", "tokenizer_for", "resolve_model"]
