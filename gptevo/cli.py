@@ -377,6 +377,8 @@ def build_parser(env) -> argparse.ArgumentParser:
 
     from gptevo.bench import add_subparser as add_bench
     add_bench(sub, env)
+    from gptevo.serve.command import add_subparser as add_serve
+    add_serve(sub, env)
     return p
 
 
