@@ -1,7 +1,10 @@
 """Residual blocks: where the normalisation sits relative to the residual add (spec: ``spec/ops/blocks.md``).
 
 Not a backend op: it takes callables (the sublayer and the norm), so it is the same on every
-backend. ``model.py`` uses it to express the block order of each family in one place.
+backend. It is the specification of the block order, not the code path: ``model.py``
+(``Model._block``) writes the same two orders inline, choosing by ``ModelConfig.block_order``, because
+it records the normalised input and the sublayer output of each block for ``Model.trace`` between
+the two steps. Every family gptevo loads is pre-norm.
 """
 from __future__ import annotations
 
