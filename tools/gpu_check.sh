@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The GPU check of the cupy backend, on one NVIDIA GPU (sized for an H200: under 8 minutes).
+# The GPU check of the cupy backend, on one NVIDIA GPU with CuPy installed (pip install "gptevo[cupy]",
+# or "gptevo[cupy13]" for CUDA 13). Step 6 holds gpt-oss-120b's 65 GB of weights in GPU memory.
 #
 #   bash tools/gpu_check.sh            # from anywhere; OUT=DIR keeps the outputs (default: a temp dir)
+#   PYTHON=python3.11 WHEELS=DIR bash tools/gpu_check.sh
 #
-# Steps (each bounded by `timeout`; a failing step does not stop the next):
-#   1. environment: GPU, driver, python3, CuPy, CUDA runtime and NVRTC versions (wheels in .whl/, if any,
-#      are installed to /tmp/site first);
+# PYTHON picks the interpreter (default python3). On a machine without network access, wheels placed in
+# WHEELS (default: .whl/ in the repository, skipped when it holds none) are installed offline into
+# $OUT/site and put on PYTHONPATH first.
+#
+# Steps (each bounded by `timeout`, 440 s in all; a failing step does not stop the next):
+#   1. environment: GPU, driver, python3, CuPy, CUDA runtime and NVRTC versions;
 #   2. probe() and NVRTC compilation of every kernel module (timed);
 #   3. conformance suite: python -m gptevo.conformance -b cupy (every registry case vs the reference);
 #   4. tiny peer models, cupy vs reference at model level (tools/gpu_tiny.py): logits, decode past the
@@ -23,6 +28,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+WHEELS=${WHEELS:-.whl}
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 declare -A STATUS
 step() { echo; echo "=== $1 ($(date +%T))"; }
@@ -31,9 +37,9 @@ T0=$(date +%s)
 
 step "1. environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$OUT/site" \
+        "$WHEELS"/*.whl && export PYTHONPATH="$PYTHONPATH:$OUT/site"
 fi
 timeout 30 $PY - <<'EOF' > "$OUT/env.txt" 2>&1
 import sys
