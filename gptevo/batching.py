@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptevo.errors import NumericalError, RequestError
-from gptevo import generation
-from gptevo.generation import (Sampling, TextStream, check_max_new_tokens, check_prompt_ids,
-                               check_stop_token_ids, encode_prompt, fit_context, sample_token, tokenizer_for)
+from gptevo.generation import (Sampling, TextStream, TokenSampler, check_max_new_tokens, check_prompt_ids,
+                               check_stop_token_ids, encode_prompt, fit_context, new_token_budget,
+                               tokenizer_for)
 
 INITIAL_ROOM = 256     # new-token slots a request's KV cache starts with; doubled when full (up to its need)
 
@@ -65,7 +65,7 @@ class _Request:
     max_new: int                       # tokens it may produce (context full included)
     sampling: Sampling
     stops: frozenset
-    sampler: object                    # this sequence's own sampling state (generator, seen ids)
+    sampler: TokenSampler              # this sequence's own sampling state (generator, seen ids)
     cache: object = None               # KVCache once admitted
     produced: int = 0
     last: int | None = None            # the token to feed back next (None before the prefill)
@@ -116,17 +116,14 @@ class BatchDecoder:
             raise RequestError(f"sampling must be a gptevo.generation.Sampling (see check_sampling), "
                                f"got {type(sampling).__name__}")
         if max_new_tokens is None:
-            max_new = context - len(ids)
-            if max_new < 1:
-                raise RequestError(f"prompt of {len(ids)} tokens leaves no room in the model's context of "
-                                   f"{context} positions for a new token")
+            max_new = new_token_budget(len(ids), None, context)
         else:
             max_new = check_max_new_tokens(max_new_tokens)
             if len(ids) + max_new > context:
                 raise RequestError(f"prompt of {len(ids)} tokens + max_new_tokens={max_new} = "
                                    f"{len(ids) + max_new} exceeds the model's context of {context} positions")
         stops = frozenset((*config.eos_token_ids, *check_stop_token_ids(stop_token_ids, V)))
-        sampler = _token_sampler(sampling, ids)
+        sampler = TokenSampler(sampling, ids)
         with self._lock:
             rid = next(self._ids)
             self._queue[rid] = _Request(rid, ids, max_new, sampling, stops, sampler)
@@ -271,16 +268,6 @@ class BatchDecoder:
         return tuple(dropped)
 
 
-def _token_sampler(sampling: Sampling, prompt_ids: list[int]):
-    """A sequence's sampler: ``generation.TokenSampler`` (its own generator seeded from
-    ``sampling.seed`` and the ids it has seen), or, where generation has none, an equivalent closure."""
-    make = getattr(generation, "TokenSampler", None)
-    if make is not None:
-        return make(sampling, prompt_ids)
-    rng = None if sampling.greedy else np.random.default_rng(sampling.seed)
-    return lambda row: sample_token(row, sampling, rng)
-
-
 def _tag(exc: BaseException, request_ids) -> None:
     try:
         exc.request_ids = tuple(request_ids)
@@ -319,8 +306,7 @@ def generate_batch(model, prompts, *, max_new_tokens: int | None, sampling: Samp
                 raise RequestError("stop strings need a text prompt; with a token-id prompt use stop_token_ids")
             else:
                 ids = check_prompt_ids(prompt, V)
-            if max_new_tokens is not None or truncation is not None:   # None alone: submit checks the room
-                ids = fit_context(ids, 1 if max_new_tokens is None else max_new_tokens, context, truncation)
+            ids = fit_context(ids, max_new_tokens, context, truncation)
             stream = TextStream(tokenizer, ids, tuple(stop)) if text else None
         except RequestError as exc:
             raise type(exc)(f"prompt {i}: {exc}") from None

@@ -603,7 +603,8 @@ def generate(weights, prompt, *, backend=None, max_new_tokens=64, temperature=No
     weights:  a model directory (loaded with ``gptevo.load(weights, backend)``) or a loaded model.
     prompt:   a str (returns the new text as str, or an iterator of str pieces with ``stream=True``)
               or a list of token ids (returns the list of new ids, ending with the stop/eos id when one
-              ended generation; an iterator of ids with ``stream=True``; no tokenizer needed).
+              ended generation; an iterator of ids with ``stream=True``; no tokenizer needed), or a
+              list of such prompts: a list with each one's result, decoded together (gptevo.batching).
     temperature, top_k, top_p, min_p, repetition_penalty: None takes the model's
               ``generation_config.json`` value, else the built-in default (temperature 1, filters off).
     timings:  a :class:`Timings` to fill with the prompt and decode times (optional).
@@ -627,6 +628,15 @@ def generate(weights, prompt, *, backend=None, max_new_tokens=64, temperature=No
     stop_ids = tuple(dict.fromkeys((*config.eos_token_ids, *check_stop_token_ids(stop_token_ids, V))))
     if truncation not in TRUNCATION:
         raise RequestError(f"truncation must be None or 'left', got {truncation!r}")
+
+    from gptevo.batching import generate_batch, is_prompt_batch
+
+    if is_prompt_batch(prompt):      # a list of prompts: one result each, decoded together
+        if stream or timings is not None:
+            raise RequestError("stream=True and timings take one prompt; got a list of prompts "
+                               "(use gptevo.batching.BatchDecoder to stream several)")
+        return generate_batch(model, prompt, max_new_tokens=n_new, sampling=sampling, stop=stops,
+                              stop_token_ids=stop_ids, truncation=truncation)
 
     if isinstance(prompt, str):
         tokenizer = tokenizer_for(model)
