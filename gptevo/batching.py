@@ -103,12 +103,13 @@ class BatchDecoder:
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, prompt_ids, *, max_new_tokens: int | None, sampling: Sampling,
-               stop_token_ids=()) -> int:
+               stop_token_ids=(), ignore_eos: bool = False) -> int:
         """Queue a request; returns its id. RequestError (naming the argument) for: a bad prompt
         (empty, non-integer or out-of-range ids), max_new_tokens not a positive integer or None,
         prompt + max_new_tokens beyond the model's context, sampling not a ``Sampling`` (make one with
         ``gptevo.generation.check_sampling``), bad stop_token_ids. ``max_new_tokens=None``: until an
-        end-of-text/stop token or the context is full. The model's eos ids always stop."""
+        end-of-text/stop token or the context is full. The model's eos ids stop too unless
+        ``ignore_eos=True`` (benchmarks: a fixed number of tokens)."""
         config = self.model.config
         V, context = config.vocab_size, context_of(config)
         ids = check_prompt_ids(prompt_ids, V)
@@ -122,7 +123,10 @@ class BatchDecoder:
             if len(ids) + max_new > context:
                 raise RequestError(f"prompt of {len(ids)} tokens + max_new_tokens={max_new} = "
                                    f"{len(ids) + max_new} exceeds the model's context of {context} positions")
-        stops = frozenset((*config.eos_token_ids, *check_stop_token_ids(stop_token_ids, V)))
+        if not isinstance(ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be True or False, got {ignore_eos!r}")
+        eos = () if ignore_eos else tuple(config.eos_token_ids)
+        stops = frozenset((*eos, *check_stop_token_ids(stop_token_ids, V)))
         sampler = TokenSampler(sampling, ids)
         with self._lock:
             rid = next(self._ids)

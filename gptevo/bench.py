@@ -1,4 +1,4 @@
-"""``gptevo bench MODEL_DIR``: batch-1 decode and prefill speed against the machine's memory roofline.
+"""``gptevo bench MODEL_DIR``: decode and prefill speed against the machine's memory roofline.
 
 One run measures, in this order:
 
@@ -9,6 +9,12 @@ One run measures, in this order:
    llama.cpp's prompt processing); tok/s = prompt tokens / seconds (0 skips it);
 3. peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after 1 and 2 (before anything else
    allocates);
+3b. prefill sweep: the same prefill measurement at each of ``--prefill-sizes`` (default 128, 512, 2048;
+   capped at the context; a size equal to ``--prompt-tokens`` reuses that measurement);
+3c. aggregate batched decode at each of ``--batch-sizes`` (default 1, 4, 16) through
+   :class:`gptevo.batching.BatchDecoder`: B greedy requests with one-token prompts are admitted
+   (prefill, untimed), ``--warmup`` batched steps run, then ``--batch-steps`` (default 16) steps are
+   timed; tok/s = B x steps / seconds (every step decodes one token of each of the B sequences);
 4. weight bytes read per decoded token, counted from the loaded weights (:func:`weight_bytes_per_token`);
 5. memory read bandwidth, measured now: NumPy dot products streaming a buffer of ``--bandwidth-mib``
    (default 1 GiB, far above the last-level cache) in 4 MiB chunks on ``threads`` Python threads, best
@@ -234,10 +240,50 @@ def measure_prefill(model, tokens: int, seed: int = 0) -> dict | None:
     return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
 
 
+def measure_batch_decode(model, batch: int, steps: int, warmup: int = 3, seed: int = 0) -> dict:
+    """Aggregate greedy decode of ``batch`` sequences through BatchDecoder (module doc, 3c)."""
+    from gptevo.batching import BatchDecoder
+    from gptevo.generation import check_sampling
+
+    rng = np.random.default_rng(seed + 2)
+    decoder = BatchDecoder(model, max_batch=batch)
+    greedy = check_sampling(0.0)
+    rids = [decoder.submit([tok], max_new_tokens=warmup + steps + 1, sampling=greedy, ignore_eos=True)
+            for tok in rng.integers(0, model.config.vocab_size, batch).tolist()]
+    decoder.step()                                                  # admits and prefills all of them
+    for _ in range(warmup):
+        decoder.step()
+    t0 = time.perf_counter()
+    produced = 0
+    for _ in range(steps):
+        produced += len(decoder.step())                             # one token per running sequence
+    dt = time.perf_counter() - t0
+    for rid in rids:
+        decoder.cancel(rid)
+    return {"batch": batch, "steps": steps, "tokens": produced, "seconds": dt, "tok_s": produced / dt}
+
+
+def parse_sizes(text, flag: str) -> list[int]:
+    """``"1,4,16"`` -> [1, 4, 16]; "" or "0" -> [] (skip); RequestError naming ``flag`` otherwise."""
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        text = str(text).strip()
+        if text in ("", "0"):
+            return []
+        try:
+            items = [int(x) for x in text.split(",")]
+        except ValueError:
+            raise RequestError(f"{flag} must be a comma-separated list of positive integers, got {text!r}") from None
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in items):
+        raise RequestError(f"{flag} must be a comma-separated list of positive integers, got {text!r}")
+    return list(dict.fromkeys(items))
+
+
 # -- the run ---------------------------------------------------------------------------------------
 def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, prompt_tokens=512, warmup=3,
         bandwidth_mib=1024, llama_bench=None, gguf=None, llama_repeats=3, llama_args=(), env=None,
-        log=None) -> dict:
+        log=None, prefill_sizes=(128, 512, 2048), batch_sizes=(1, 4, 16), batch_steps=16) -> dict:
     """Measure everything (see the module doc); returns the result dict that ``--json`` prints."""
     import gptevo
     from gptevo import bench_llama
@@ -249,6 +295,10 @@ def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, promp
     if tokens < 1 or prompt_tokens < 0 or warmup < 0:
         raise RequestError(f"--tokens must be >= 1 and --prompt-tokens, --warmup >= 0 "
                            f"(got {tokens}, {prompt_tokens}, {warmup})")
+    prefill_sizes = parse_sizes(prefill_sizes, "--prefill-sizes")
+    batch_sizes = parse_sizes(batch_sizes, "--batch-sizes")
+    if isinstance(batch_steps, bool) or not isinstance(batch_steps, int) or batch_steps < 1:
+        raise RequestError(f"--batch-steps must be an integer >= 1, got {batch_steps!r}")
     log = log or (lambda msg: None)
     th = set_threads(threads, env)
     n_threads = th["threads"]
@@ -267,6 +317,20 @@ def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, promp
     log(f"prefill: {prompt_tokens} tokens ...")
     pre = measure_prefill(model, prompt_tokens)
     rss = peak_rss()
+    sweep = []
+    for size in dict.fromkeys(min(n, ctx) for n in prefill_sizes):
+        if pre is not None and size == pre["tokens"]:
+            sweep.append(pre)
+            continue
+        log(f"prefill: {size} tokens ...")
+        sweep.append(measure_prefill(model, size))
+    batched = []
+    for size in batch_sizes:
+        if 1 + warmup + batch_steps > ctx:
+            raise RequestError(f"1 + --warmup + --batch-steps = {1 + warmup + batch_steps} exceeds the "
+                               f"model's context of {ctx}")
+        log(f"batched decode: batch {size}, {warmup} warm-up + {batch_steps} steps ...")
+        batched.append(measure_batch_decode(model, size, batch_steps, warmup))
     bpt = weight_bytes_per_token(model)
     log(f"memory bandwidth: {bandwidth_mib} MiB, {n_threads} threads ...")
     bw = memory_bandwidth(bandwidth_mib << 20, threads=n_threads)
@@ -275,7 +339,8 @@ def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, promp
         "model": os.fspath(path), "family": c.family, "layers": c.num_layers, "vocab_size": c.vocab_size,
         "backend": getattr(model.backend, "name", str(model.backend)), "weights": weights or "stored",
         "weight_dtypes": weight_dtypes(model), "threads": n_threads, "numba_threads": numba_threads,
-        "load_s": load_s, "decode": dec, "prefill": pre, "peak_rss_bytes": rss,
+        "load_s": load_s, "decode": dec, "prefill": pre, "prefill_sweep": sweep, "batch_decode": batched,
+        "peak_rss_bytes": rss,
         "weight_bytes_per_token": bpt, "bandwidth_bytes_s": bw,
         "bandwidth_probe": f"NumPy dot, {bandwidth_mib} MiB, {n_threads} threads, best of 3",
         "roofline_fraction": bpt * dec["tok_s"] / bw, "llama": None,
@@ -344,11 +409,15 @@ def format_table(r: dict) -> str:
             ["peak RSS", _gb(r["peak_rss_bytes"])],
             ["weight bytes / token", _gb(r["weight_bytes_per_token"])],
             ["roofline (decode)", f"{100 * r['roofline_fraction']:.0f}%"]]
+    for d in r.get("prefill_sweep") or []:
+        rows.append([f"prefill tok/s (pp{d['tokens']})", _rate(d)])
+    for d in r.get("batch_decode") or []:
+        rows.append([f"decode tok/s, batch {d['batch']} (aggregate)", _rate(d)])
     if L:
         lrf = L.get("roofline_fraction")
         extra = [_rate(L["decode"]), _rate(L["prefill"]), _gb(L.get("peak_rss_bytes")),
                  _gb(L.get("bytes_per_token")), "-" if lrf is None else f"{100 * lrf:.0f}%"]
-        for row, v in zip(rows, extra):
+        for row, v in zip(rows, extra + ["-"] * (len(rows) - len(extra))):
             row.append(v)
     widths = [max(len(x[i]) for x in rows + [head]) for i in range(len(head))]
     for row in [head] + rows:
@@ -376,6 +445,12 @@ def add_subparser(sub, env) -> None:
     b.add_argument("--tokens", type=int, default=64, help="decoded tokens timed (default 64)")
     b.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default 512; 0 skips)")
     b.add_argument("--warmup", type=int, default=3, help="decode warm-up tokens (default 3)")
+    b.add_argument("--prefill-sizes", default="128,512,2048", metavar="LIST",
+                   help="prefill lengths measured one after another (default 128,512,2048; 0 skips)")
+    b.add_argument("--batch-sizes", default="1,4,16", metavar="LIST",
+                   help="batched decode: sequences decoded together, aggregate tok/s (default 1,4,16; 0 skips)")
+    b.add_argument("--batch-steps", type=int, default=16,
+                   help="batched decode steps timed per batch size (default 16)")
     b.add_argument("--bandwidth-mib", type=int, default=1024, help="bandwidth probe buffer (default 1024 MiB)")
     b.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench binary")
     b.add_argument("--gguf", default=None, metavar="FILE", help="the same model as GGUF, for --llama-bench")
@@ -396,6 +471,7 @@ def cmd_bench(args, env, stdin, out, err) -> int:
     r = run(args.model_dir, backend=args.backend, weights=args.weights, threads=args.threads,
             tokens=args.tokens, prompt_tokens=args.prompt_tokens, warmup=args.warmup,
             bandwidth_mib=args.bandwidth_mib, llama_bench=args.llama_bench, gguf=args.gguf,
-            llama_args=shlex.split(args.llama_args), env=env, log=log)
+            llama_args=shlex.split(args.llama_args), env=env, log=log, prefill_sizes=args.prefill_sizes,
+            batch_sizes=args.batch_sizes, batch_steps=args.batch_steps)
     out.write(json.dumps(r, indent=2) + "\n" if args.json else format_table(r))
     return 0

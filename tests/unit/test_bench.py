@@ -23,7 +23,8 @@ msc = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = msc
 _spec.loader.exec_module(msc)
 
-FAST = ["--backend", "reference", "--tokens", "3", "--prompt-tokens", "8", "--warmup", "1", "--bandwidth-mib", "8"]
+FAST = ["--backend", "reference", "--tokens", "3", "--prompt-tokens", "8", "--warmup", "1", "--bandwidth-mib", "8",
+        "--prefill-sizes", "8,16", "--batch-sizes", "1,3", "--batch-steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,9 @@ def test_bench_json_on_tiny_gpt2(models):
     assert r["roofline_fraction"] == pytest.approx(
         r["weight_bytes_per_token"] * r["decode"]["tok_s"] / r["bandwidth_bytes_s"])
     assert r["llama"] is None
+    assert [d["tokens"] for d in r["prefill_sweep"]] == [8, 16] and r["prefill_sweep"][0] == r["prefill"]
+    assert [(d["batch"], d["steps"], d["tokens"]) for d in r["batch_decode"]] == [(1, 2, 2), (3, 2, 6)]
+    assert all(d["tok_s"] == pytest.approx(d["tokens"] / d["seconds"]) for d in r["batch_decode"])
 
 
 def test_bench_counts_top_k_experts(models):
@@ -79,7 +83,8 @@ def test_bench_table_and_prefill_skip(models):
     rc, out, err = run(["bench", str(models["gpt-oss-20b"]), *FAST, "--prompt-tokens", "0"])
     assert rc == 0, err
     for label in ("decode tok/s (tg3)", "prefill tok/s (pp0)", "peak RSS", "weight bytes / token",
-                  "roofline (decode)", "memory read bandwidth", "gptevo (reference)"):
+                  "roofline (decode)", "memory read bandwidth", "gptevo (reference)", "prefill tok/s (pp16)",
+                  "decode tok/s, batch 3 (aggregate)"):
         assert label in out
     assert "llama.cpp" not in out
 
@@ -193,6 +198,9 @@ def test_parse_llama_bench_json():
     (["--llama-bench", "/nonexistent/llama-bench", "--gguf", "x.gguf"], "not an executable file"),
     (["--tokens", "0"], "--tokens must be"),
     (["--threads", "0"], "--threads must be at least 1"),
+    (["--batch-sizes", "1,x"], "--batch-sizes must be"),
+    (["--prefill-sizes", "-4"], "--prefill-sizes must be"),
+    (["--batch-steps", "0"], "--batch-steps must be"),
 ])
 def test_bad_arguments(models, extra, message):
     rc, out, err = run(["bench", str(models["gpt2-124m"]), *FAST, *extra])
