@@ -136,8 +136,8 @@ def cases(rng, quick: bool):
 def model_row(repeat: int, names):
     """Time one decode step (T=1 after a 16-token prompt) of a small synthetic gpt-oss-like model."""
     try:
-        sys.path.insert(0, str(REPO / "tests" / "unit"))
-        import test_model_tiny as tiny
+        sys.path.insert(0, str(REPO / "tests"))
+        from _builders import tiny_models as tiny
         from gptevo.config import ModelConfig
     except Exception as exc:  # the helpers moved: say so instead of failing
         return None, f"skipped: could not import the tiny-model helpers ({exc!r})"

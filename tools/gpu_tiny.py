@@ -2,7 +2,7 @@
 
     python tools/gpu_tiny.py [--json FILE]
 
-The four tiny checkpoints of tests/unit/test_model_tiny.py (Llama with a sliding window, Qwen3 bf16
+The four tiny checkpoints of tests/_builders/tiny_models.py (Llama with a sliding window, Qwen3 bf16
 with q/k norm, gpt-oss with MXFP4 experts, sinks and a sliding window, GPT-2) are written to a
 temporary folder and loaded on ``cupy`` and on ``reference``. Per model: full-sequence logits,
 prefill + decode logits past the window (normalized error <= 1e-4), the host transfers of a decode
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "tests" / "unit"):
+for p in (REPO, REPO / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import gptevo
-    import test_model_tiny as tiny
+    from _builders import tiny_models as tiny
     from gptevo.backends import get
     from gptevo.backends.cupy import runtime
     from gptevo.backends.cupy._ops import KERNEL_OPS
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     prompt = [3, 17, 42, 5, 9]
     with tempfile.TemporaryDirectory() as tmp:
         for name in tiny.CASES:
-            config, _, ref = tiny._case(name, tmp)
+            config, _, ref = tiny.build_case(name, tmp)
             dev = Model.from_checkpoint(config, Checkpoint(ref.path), backend=backend, path=ref.path)
 
             def logits():

@@ -18,7 +18,7 @@ Models:
   per-token perplexity is computed exactly as that tool computes it), limited to ``--max-windows``;
   it reports the perplexity per token with both weight modes and the change in %. Needs the corpus:
   ``python tools/austen_corpus.py`` (writes WORKDIR/clean/*.txt, offline via apt-get download);
-- every peer fixture of tests/model/peer_fixtures.py (tiny random HF-layout models of each family,
+- every peer fixture of tests/_builders/peer_fixtures.py (tiny random HF-layout models of each family,
   built into a temporary directory with ``build_fixture``; needs torch and transformers), on
   ``--fixture-seqs`` seeded token sequences of the fixture's own length;
 - the synthetic full-size GPT-2 at ``--gpt2`` if present (random weights: logits metrics only).
@@ -43,7 +43,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-sys.path.insert(0, os.path.join(ROOT, "tests", "model"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 class Compare:
@@ -161,7 +161,7 @@ def kernel_rows(args, numba_row: dict) -> list:
 def fixtures(args, backend: str) -> tuple[list, list]:
     """int8 vs stored on each peer fixture (``--fixture-seqs`` seeded sequences of its length)."""
     import gptevo
-    import peer_fixtures as pf
+    from _builders import peer_fixtures as pf
 
     try:
         from transformers.utils import logging as hf_logging

@@ -4,7 +4,7 @@
 
 Each fixture goes to OUTDIR/NAME (config.json + safetensors, the real on-disk layout of its family);
 ``--logits`` also saves the peer's float32 logits and the token ids as OUTDIR/NAME/peer_logits.npz
-(``ids``, ``logits``). The builders live in tests/model/peer_fixtures.py (one implementation shared with
+(``ids``, ``logits``). The builders live in tests/_builders/peer_fixtures.py (one implementation shared with
 the peer tests). Needs torch and transformers; the ``gpt_oss_original`` fixture also needs the official
 code: ``pip install --no-deps --ignore-requires-python gpt-oss==0.0.9``.
 """
@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "model"))
+sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-import peer_fixtures  # noqa: E402
+from _builders import peer_fixtures  # noqa: E402
 
 
 def main(argv=None) -> int:

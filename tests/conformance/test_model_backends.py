@@ -5,17 +5,12 @@ alternating window, GPT-2 Conv1D) is loaded on each available backend; logits mu
 reference within 1e-4 relative, and on failure the message names the first traced tensor that
 diverges. Unavailable backends skip with their reason.
 """
-import os
-import sys
-
 import numpy as np
 import pytest
 
+from _builders import tiny_models
 from gptevo import backends
 from gptevo.model import Model
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "unit"))
-import test_model_tiny as tiny_models  # noqa: E402  (shared tiny checkpoint builders)
 
 AVAILABLE = backends.available()
 FAST_BACKENDS = [b for b in backends.known() if b != "reference"]
@@ -25,18 +20,12 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("backend_models")
-    return {name: tiny_models._case(name, tmp) for name in tiny_models.CASES}
-
-
 @pytest.mark.parametrize("backend_name", FAST_BACKENDS)
 @pytest.mark.parametrize("name", tiny_models.CASES)
-def test_model_on_backend_matches_reference(models, backend_name, name):
+def test_model_on_backend_matches_reference(tiny_case, backend_name, name):
     if backend_name not in AVAILABLE:
         pytest.skip(f"backend {backend_name!r} unavailable: {AVAILABLE.unavailable[backend_name]}")
-    config, _, ref_model = models[name]
+    config, _, ref_model = tiny_case(name)
     fast = Model(config, ref_model.weights, backend=backend_name)
     ids = tiny_models.IDS
     ref_trace, fast_trace = ref_model.trace(ids), fast.trace(ids)

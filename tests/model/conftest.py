@@ -6,14 +6,11 @@ SKIP with the reason; they never pass silently. Everything is seeded (torch, num
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peer_fixtures  # noqa: E402  (helpers next to this file; imports no torch at module level)
+from _builders import peer_fixtures   # imports no torch at module level
 
 require = peer_fixtures.require
 

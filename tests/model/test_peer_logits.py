@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import peer_fixtures
-from peer_fixtures import have, require
+from _builders import peer_fixtures
+from _builders.peer_fixtures import have, require
 
 pytestmark = pytest.mark.peer
 

@@ -23,14 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import _cuda_emu_worker as worker   # the worker script next to this file (tests/unit is on pytest's path)
+from gptevo.backends import cupy as cupy_backend
+from gptevo.backends.cupy._runtime import WeightCache
+from gptevo.ops import REGISTRY
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import _cuda_emu_worker as worker  # noqa: E402
-
-from gptevo.backends import cupy as cupy_backend  # noqa: E402
-from gptevo.backends.cupy._runtime import WeightCache  # noqa: E402
-from gptevo.ops import REGISTRY  # noqa: E402
 
 CASE_IDS = worker.all_ids()
 GXX = shutil.which("g++")

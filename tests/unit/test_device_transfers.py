@@ -253,12 +253,10 @@ def make_fake_backend():
 
 
 def run_worker() -> int:
-    sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(HERE))
     import ml_dtypes  # noqa: F401
 
     import gptevo
-    import test_model_tiny as tiny
+    from _builders import tiny_models as tiny        # tests/ is on PYTHONPATH (set by the parent)
     from gptevo.checkpoint import Checkpoint
     from gptevo.conformance.compare import compare
     from gptevo.conformance.runner import iter_cases, tolerance_for
@@ -291,7 +289,7 @@ def run_worker() -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     prompt = [3, 17, 42, 5, 9]                       # longer than every window used (3 and 4)
     for name in tiny.CASES:
-        config, _, ref_model = tiny._case(name, tmp)
+        config, _, ref_model = tiny.build_case(name, tmp)
         path = ref_model.path
         dev_model = Model.from_checkpoint(config, Checkpoint(path), backend=backend, path=path)
 
@@ -416,7 +414,9 @@ class _FixedU:
 def results():
     if shutil.which("g++") is None:
         pytest.skip("g++ not found: the CUDA emulator (tools/cuda_emu) needs a C++20 compiler")
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=900, cwd=REPO)
+    path = os.pathsep.join([str(REPO), str(REPO / "tests")] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": path})
     rows = {}
     for line in proc.stdout.splitlines():
         if line.startswith("{"):

@@ -19,7 +19,7 @@ from _st_writer import build, write as write_bytes
 from gptevo import cli
 from gptevo.config_adapters import config_from_dict
 from gptevo.errors import FormatError, GptevoError, NumericalError, RequestError
-from test_model_tiny import hf_tensors, make_roles, store_dtype
+from _builders.tiny_models import hf_tensors, make_roles, store_dtype
 
 TOK = byte_tokenizer_json()
 V = vocab_size_of(TOK)

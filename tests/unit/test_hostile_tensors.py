@@ -5,7 +5,7 @@ Rows: B1 missing tensor, B2 extra tensors, B3 shape mismatch with the config, B4
 B5 MXFP4 blocks/scales mismatch, B6 E8M0 scale extremes, B7 non-finite weights, B9 degenerate shapes
 (B8, a tensor in two shards, is in test_hostile_container.py). Only GptevoError subclasses may escape,
 and each message names the file or tensor, what was found and what was expected. Expected overflow
-and NaN facts are re-derived here from the E2M1 table (test_model_tiny.decode_mxfp4), never from gptevo.
+and NaN facts are re-derived here from the E2M1 table (tests/_builders/tiny_models.decode_mxfp4), never from gptevo.
 """
 import json
 import os
@@ -25,8 +25,8 @@ from gptevo.checkpoint import Checkpoint
 from gptevo.config_adapters import config_from_dict, load_config
 from gptevo.errors import CheckpointError, FormatError, GptevoError, NumericalError, RequestError
 from gptevo.model import Model
-from test_model_tiny import (decode_mxfp4, gptoss_original_tensors, hf_tensors, make_roles, quantize_experts,
-                             store_dtype)
+from _builders.tiny_models import (decode_mxfp4, gptoss_original_tensors, hf_tensors, make_roles, quantize_experts,
+                                   store_dtype)
 
 LLAMA_CFG = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,

@@ -1,13 +1,14 @@
 """Tiny random checkpoints in the real on-disk layouts, each with a float32 peer to compare against.
 
-Helpers only (no tests). Used by ``tests/model/test_peer_logits.py`` and ``tools/make_tiny_checkpoints.py``.
+Helpers only (no tests). Used by ``tests/model/test_peer_logits.py`` (through ``tests/model/conftest.py``),
+``tools/make_tiny_checkpoints.py`` and ``tools/int8_error.py``.
 
 Every fixture is written by the peer library itself (Hugging Face transformers ``save_pretrained``) or,
 for gpt-oss, by the layout the peer reads (HF ``*_blocks``/``*_scales`` MXFP4 tensors; the original
 ``block.N.*`` layout read back by the official ``gpt_oss.torch.model.Transformer.from_checkpoint``).
 The peer that produces the expected logits is the torch model that was saved, kept in memory in float32.
 
-What the set covers (facts: /work/shared/facts/hf_families.md §11, gptoss.md §1-4):
+What the set covers (the fact sheets' facts/hf_families.md §11 and facts/gptoss.md §1-4; spec/README.md, "Sources"):
 GQA ratios 2 and 4 and MQA, sliding windows shorter than the sequence (Mistral, Qwen2 per-layer,
 gpt-oss even layers), MoE with experts > top-k (Mixtral, Qwen3-MoE with and without ``norm_topk_prob``,
 gpt-oss), tied and untied heads, GPT-2 with and without the ``transformer.`` prefix, several safetensors
