@@ -18,10 +18,12 @@ a running transcript and the model continues it. ``/reset`` clears the history, 
 input) quits. The history is left-truncated to fit the context, and a reply is at most
 ``--max-new-tokens`` and at most half the context.
 
-Environment variables are read here and nowhere else in gptevo: ``GPTEVO_BACKEND`` (the default of
-``--backend``), ``TIKTOKEN_ENCODINGS_BASE`` (a directory holding ``o200k_base.tiktoken``) and
-``TIKTOKEN_CACHE_DIR`` / ``DATA_GYM_CACHE_DIR`` (tiktoken's cache), the last two for gpt-oss checkpoints in
-the original layout, which ship no ``tokenizer.json``.
+Environment variables the command line reads: ``GPTEVO_BACKEND`` (the default of ``--backend``; the
+library's ``gptevo.backends.default_name`` reads it too), ``TIKTOKEN_ENCODINGS_BASE`` (a directory
+holding ``o200k_base.tiktoken``, or the file) and ``TIKTOKEN_CACHE_DIR`` / ``DATA_GYM_CACHE_DIR``
+(tiktoken's cache), the last two for gpt-oss checkpoints in the original layout, which ship no
+``tokenizer.json``; the tokenizer code takes those locations as arguments. README.md, "Environment
+variables", lists every variable gptevo and its tools read.
 
 Exit status: 0 on success, 2 for a usage error or a gptevo error (the message goes to stderr without
 a traceback), 130 when interrupted.
