@@ -656,5 +656,5 @@ def generate(weights, prompt, *, backend=None, max_new_tokens=64, temperature=No
 
 
 __all__ = ["generate", "Sampling", "check_sampling", "sampling_for", "sample_token", "token_distribution",
-           "apply_repetition_penalty", "TokenSampler", "Timings", "token_stream", "text_pieces", "TextStream", "fit_context",
-           "new_token_budget", "tokenizer_for", "resolve_model"]
+           "apply_repetition_penalty", "TokenSampler", "Timings", "token_stream", "text_pieces", "TextStream",
+           "fit_context", "new_token_budget", "tokenizer_for", "resolve_model"]

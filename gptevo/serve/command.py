@@ -126,8 +126,9 @@ def cmd_serve(args, env, stdin, out, err) -> int:
             server_state.engine.draining = True
             super().handle_exit(sig, frame)
 
-    server = DrainingServer(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout,
-                                           timeout_keep_alive=5, limit_concurrency=args.max_batch + args.max_queue + 256))
+    server = DrainingServer(uvicorn.Config(app, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.drain_timeout, timeout_keep_alive=5,
+                                           limit_concurrency=args.max_batch + args.max_queue + 256))
     # uvicorn re-raises the signal that stopped it once it has drained; ours ends the command quietly
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
