@@ -183,7 +183,9 @@ class BatchDecoder:
             except BaseException as exc:
                 with self._lock:
                     events += self._finish(sampled)
-                    dropped = self._drop_broken(admitted + decoding)
+                    for req, _ in failed:                 # non-finite logits earlier in this step
+                        req.cancelled = True
+                    dropped = self._drop_broken(admitted + decoding) + tuple(req.id for req, _ in failed)
                     self._undelivered = events
                     self._in_step = False
                 _tag(exc, dropped)
