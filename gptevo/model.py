@@ -106,7 +106,7 @@ def backend_arrays(backend):
     spec = _backends.BUILTIN.get(backend.name)
     module = sys.modules.get(spec.import_path) if spec is not None else None
     arrays = getattr(module, "ARRAYS", None)
-    if arrays is None or backend.ops.get("embedding") is not getattr(module, "OPS", {}).get("embedding"):
+    if arrays is None or backend.impls.get("embedding") is not getattr(module, "OPS", {}).get("embedding"):
         return None
     return arrays
 

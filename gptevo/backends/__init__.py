@@ -4,6 +4,11 @@ A backend is a named set of op implementations with the same names and keyword s
 reference ops in :mod:`gptevo.ops`. ``model.py`` calls ops only through a backend, so adding a
 backend never touches model code.
 
+The one validation layer: :class:`Backend` puts each op's argument check (``OpSpec.check``, next to
+its reference in ``gptevo/ops/``) in front of the backend's implementation, so every call through a
+backend (the model's, the conformance suite's, a plug-in's) is checked exactly once before
+dispatch, and implementations receive canonical arguments and contain no checks of their own.
+
 Built-in backends are listed in :data:`BUILTIN` (name -> module to probe, import path, priority).
 Availability is checked without importing heavy modules (``importlib.util.find_spec``) plus a cheap
 probe in the backend's own module. Third-party backends register through the entry-point group
@@ -50,16 +55,28 @@ class MissingOpError(BackendError, AttributeError):
 
 
 class Backend:
-    """A loaded backend: ``backend.rms_norm(...)`` calls that backend's implementation.
+    """A loaded backend: ``backend.rms_norm(...)`` checks the arguments, then calls that backend's
+    implementation.
 
+    ``ops`` maps op names to the checked callables (what the model and the conformance suite call);
+    ``impls`` to the implementations as the backend gave them (canonical arguments only, no checks).
+    An op name the registry does not know (a plug-in's extra) is passed through unchecked; an op
+    given as an already checked callable (a public reference function, another backend's ``ops``)
+    is unwrapped first, so a check never runs twice.
     ``prepare_weights(weights, config, mode) -> weights`` is the backend module's optional load-time
     hook (fused projections, resident pages, its own layouts; see gptevo.prepare); ``mode`` is the
     load's weight mode ("stored" or "int8"). None when absent.
     """
 
     def __init__(self, name: str, ops: Mapping[str, Callable], prepare_weights: Callable | None = None):
+        from gptevo.ops import REGISTRY
+        from gptevo.ops.spec import unchecked, validated
+
         self.name = name
-        self.ops = MappingProxyType(dict(ops))
+        self.impls = MappingProxyType({op: unchecked(fn) for op, fn in ops.items()})
+        checks = {op: REGISTRY[op].check if op in REGISTRY else None for op in self.impls}
+        self.ops = MappingProxyType({op: fn if checks[op] is None else validated(checks[op], fn)
+                                     for op, fn in self.impls.items()})
         self.prepare_weights = prepare_weights
 
     def __getattr__(self, op_name: str) -> Callable:

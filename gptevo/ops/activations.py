@@ -10,12 +10,12 @@ Output dtype: the compute dtype of the inputs (float64 if any input is float64, 
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import numpy as np
 
 from gptevo.errors import RequestError
-from gptevo.ops.spec import Case, op
+from gptevo.ops.checks import finite_real, one_of, real_array
+from gptevo.ops.spec import Case, compute_dtype, op
 
 SPEC = "spec/ops/activations.md"
 ELEMENTWISE = {"float32": 1e-5, "float64": 1e-12}
@@ -23,18 +23,6 @@ ELEMENTWISE = {"float32": 1e-5, "float64": 1e-12}
 # math.erfc applied to every element of a float64 array (NumPy has no erf). libm's erfc is accurate
 # to about 1 ulp over the whole real line, including the far tails.
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])
-
-
-def _compute_dtype(*arrays) -> np.dtype:
-    """float64 when any input is float64, else float32 (f16/bf16 inputs compute in float32)."""
-    return np.dtype(np.float64) if any(np.asarray(a).dtype == np.float64 for a in arrays) else np.dtype(np.float32)
-
-
-def _as(x, dtype) -> np.ndarray:
-    x = np.asarray(x)
-    if x.dtype.kind not in "iuf" and x.dtype.name not in ("bfloat16",):
-        raise RequestError(f"expected a real-valued array; found dtype {x.dtype}")
-    return x.astype(dtype, copy=False)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -77,6 +65,43 @@ def _clamped_swiglu_cases(rng: np.random.Generator):
 
 
 # ---------------------------------------------------------------------------------------------
+# argument checks (one per op; the registry runs them before any backend's implementation)
+
+APPROXIMATIONS = ("none", "tanh")
+
+
+def check_gelu_args(x, approximate="none") -> dict:
+    """x real; approximate "none" or "tanh"."""
+    approximate = one_of(approximate, APPROXIMATIONS, 'approximate must be "none" or "tanh"; found {value!r}')
+    return {"x": real_array(x, "gelu: x"), "approximate": approximate}
+
+
+def check_silu_args(x) -> dict:
+    """x real."""
+    return {"x": real_array(x, "silu: x")}
+
+
+def check_swiglu_args(gate, up) -> dict:
+    """gate and up real, of one shape."""
+    gate, up = real_array(gate, "swiglu: gate"), real_array(up, "swiglu: up")
+    if tuple(gate.shape) != tuple(up.shape):
+        raise RequestError(f"swiglu: gate has shape {tuple(gate.shape)} but up has shape {tuple(up.shape)}; "
+                           f"they must match")
+    return {"gate": gate, "up": up}
+
+
+def check_clamped_swiglu_args(h, alpha=1.702, limit=7.0) -> dict:
+    """h real [..., 2I] (an even last axis); alpha and limit finite reals (as floats)."""
+    alpha = finite_real(alpha, "clamped_swiglu: alpha")
+    limit = finite_real(limit, "clamped_swiglu: limit")
+    h = real_array(h, "clamped_swiglu: h")
+    if len(h.shape) < 1 or h.shape[-1] % 2:
+        raise RequestError(f"clamped_swiglu: h must have an even last axis [..., 2I] (gate and linear "
+                           f"columns interleaved); found shape {tuple(h.shape)}")
+    return {"h": h, "alpha": alpha, "limit": limit}
+
+
+# ---------------------------------------------------------------------------------------------
 # ops
 
 @op("gelu",
@@ -86,7 +111,7 @@ def _clamped_swiglu_cases(rng: np.random.Generator):
     cases=_gelu_cases,
     source="seed '4. SwiGLU Activation Function' (GELU(x) = x Phi(x)); Hendrycks & Gimpel 2016; "
            "tanh form: GPT-2 gelu_new / HF gelu_pytorch_tanh",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_gelu_args)
 def gelu(x, approximate="none"):
     """Gaussian error linear unit.
 
@@ -96,10 +121,8 @@ def gelu(x, approximate="none"):
     Both are evaluated in float64 and rounded once to x's compute dtype, so the float32 result is
     within 1 ulp of the exact value and the float64 one within a few ulp.
     """
-    if approximate not in ("none", "tanh"):
-        raise RequestError(f'approximate must be "none" or "tanh"; found {approximate!r}')
-    dtype = _compute_dtype(x)
-    x64 = _as(x, np.float64)  # [...]
+    dtype = compute_dtype(x)
+    x64 = x.astype(np.float64, copy=False)  # [...]
     if approximate == "none":
         cdf = 0.5 * _erfc(-x64 / math.sqrt(2.0))  # [...]  Phi(x)
         return (x64 * cdf).astype(dtype)
@@ -115,10 +138,10 @@ def gelu(x, approximate="none"):
     cases=_unary_cases,
     source="seed '4. SwiGLU Activation Function' (SiLU(z) = z sigmoid(z)); Ramachandran et al. 2017; "
            "Elfwing et al. 2017",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_silu_args)
 def silu(x):
     """``x * sigmoid(x)`` in x's compute dtype, with an overflow-free sigmoid (see :func:`sigmoid`)."""
-    x = _as(x, _compute_dtype(x))  # [...]
+    x = x.astype(compute_dtype(x), copy=False)  # [...]
     return x * sigmoid(x)
 
 
@@ -129,16 +152,12 @@ def silu(x):
     cases=_swiglu_cases,
     source="seed '4. SwiGLU Activation Function'; Shazeer 2020 'GLU Variants Improve Transformer'; "
            "HF LlamaMLP down(silu(gate(x)) * up(x))",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_swiglu_args)
 def swiglu(gate, up):
     """``silu(gate) * up``, elementwise. gate and up have the same shape [..., I]."""
-    gate_arr, up_arr = np.asarray(gate), np.asarray(up)
-    if gate_arr.shape != up_arr.shape:
-        raise RequestError(f"swiglu: gate has shape {gate_arr.shape} but up has shape {up_arr.shape}; "
-                           f"they must match")
-    dtype = _compute_dtype(gate_arr, up_arr)
-    g = _as(gate_arr, dtype)  # [...,I]
-    return g * sigmoid(g) * _as(up_arr, dtype)  # [...,I]
+    dtype = compute_dtype(gate, up)
+    g = gate.astype(dtype, copy=False)  # [...,I]
+    return g * sigmoid(g) * up.astype(dtype, copy=False)  # [...,I]
 
 
 @op("clamped_swiglu",
@@ -147,7 +166,7 @@ def swiglu(gate, up):
     tolerance=ELEMENTWISE,
     cases=_clamped_swiglu_cases,
     source="gpt-oss official code gpt_oss/torch/model.py swiglu (facts/gptoss.md 2.5); HF GptOssExperts",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_clamped_swiglu_args)
 def clamped_swiglu(h, alpha=1.702, limit=7.0):
     """gpt-oss's expert activation on the interleaved output of the first expert projection.
 
@@ -155,14 +174,7 @@ def clamped_swiglu(h, alpha=1.702, limit=7.0):
     ``gate = min(gate, limit)`` (clamped from above only), ``lin = clip(lin, -limit, limit)``,
     ``out = gate * sigmoid(alpha * gate) * (lin + 1)``. Returns [..., I] in h's compute dtype.
     """
-    for name, value in (("alpha", alpha), ("limit", limit)):
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-            raise RequestError(f"clamped_swiglu: {name} must be a finite real number; found {value!r}")
-    h_arr = np.asarray(h)
-    if h_arr.ndim < 1 or h_arr.shape[-1] % 2:
-        raise RequestError(f"clamped_swiglu: h must have an even last axis [..., 2I] (gate and linear "
-                           f"columns interleaved); found shape {h_arr.shape}")
-    h_arr = _as(h_arr, _compute_dtype(h_arr))  # [...,2I]
+    h_arr = h.astype(compute_dtype(h), copy=False)  # [...,2I]
     gate = np.minimum(h_arr[..., 0::2], limit)  # [...,I]
     lin = np.clip(h_arr[..., 1::2], -limit, limit)  # [...,I]
     return gate * sigmoid(alpha * gate) * (lin + 1.0)  # [...,I]

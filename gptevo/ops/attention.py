@@ -12,9 +12,13 @@ import math
 import numpy as np
 
 from gptevo.errors import RequestError
+from gptevo.ops import checks
 from gptevo.ops.masks import attention_mask, check_window
 from gptevo.ops.softmax import softmax
-from gptevo.ops.spec import Case, compute_dtype, op
+from gptevo.ops.spec import Case, compute_dtype, op, unchecked
+
+# The bodies attention composes: its arguments are checked once, by check_attention_args.
+_attention_mask, _softmax = unchecked(attention_mask), unchecked(softmax)
 
 
 def _cases(rng):
@@ -53,38 +57,47 @@ def _flops(q, k, v, **_):
     return 2 * H * T * S * (Dh + Dv)
 
 
-def check_attention_args(q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale):
-    """Validate and default ``attention`` arguments (shared by the reference and the backends).
+def check_attention_args(q, k, v, q_positions=None, k_positions=None, window=None, sinks=None, scale=None,
+                         alibi_slopes=None) -> dict:
+    """``attention``'s arguments, checked and defaulted.
 
-    Returns ``(q, k, v, qpos, kpos, window, scale)``: arrays as NumPy arrays, positions defaulted
-    (keys 0..S-1, queries the last T of them), the window checked, ``scale`` defaulted to 1/sqrt(Dh).
-    Raises RequestError naming the argument, what was found and what was expected.
+    q, k, v real [T,H,Dh], [S,G,Dh], [S,G,Dv] with H a multiple of G >= 1; positions 1-D integer
+    arrays [T] and [S], defaulted to keys 0..S-1 and queries the last T of them (NumPy arrays);
+    window None or an int >= 1; sinks and alibi_slopes None or [H]; scale a float, defaulted to
+    1/sqrt(Dh). Raises RequestError naming the argument, what was found and what was expected.
     """
-    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+    q = checks.real_array(q, "attention: q")
+    k = checks.real_array(k, "attention: k")
+    v = checks.real_array(v, "attention: v")
+    if len(q.shape) != 3 or len(k.shape) != 3 or len(v.shape) != 3:
         raise RequestError(f"attention: q, k, v must be [T,H,Dh], [S,G,Dh], [S,G,Dv]; got shapes "
-                           f"{q.shape}, {k.shape}, {v.shape}")
+                           f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     T, H, Dh = q.shape
     S, G, _ = k.shape
-    if k.shape[2] != Dh or v.shape[:2] != (S, G):
-        raise RequestError(f"attention: shapes disagree: q {q.shape} (T,H,Dh), k {k.shape} (S,G,Dh), "
-                           f"v {v.shape} (S,G,Dv)")
+    if k.shape[2] != Dh or tuple(v.shape[:2]) != (S, G):
+        raise RequestError(f"attention: shapes disagree: q {tuple(q.shape)} (T,H,Dh), k {tuple(k.shape)} (S,G,Dh), "
+                           f"v {tuple(v.shape)} (S,G,Dv)")
     if G == 0 or H % G:
         raise RequestError(f"attention: query heads H={H} must be a multiple of KV heads G={G}")
-    qpos = np.arange(S - T, S) if q_positions is None else np.asarray(q_positions)
-    kpos = np.arange(S) if k_positions is None else np.asarray(k_positions)
     if q_positions is None and T > S:
         raise RequestError(f"attention: {T} queries but only {S} keys; pass q_positions explicitly")
-    if qpos.shape != (T,) or kpos.shape != (S,):
+    qpos = np.arange(S - T, S) if q_positions is None else checks.array(q_positions)
+    kpos = np.arange(S) if k_positions is None else checks.array(k_positions)
+    if tuple(qpos.shape) != (T,) or tuple(kpos.shape) != (S,):
         raise RequestError(f"attention: q_positions must have shape ({T},) and k_positions ({S},), got "
-                           f"{qpos.shape} and {kpos.shape}")
+                           f"{tuple(qpos.shape)} and {tuple(kpos.shape)}")
+    for name, pos in (("q_positions", qpos), ("k_positions", kpos)):
+        if pos.dtype.kind not in "iu":
+            raise RequestError(f"attention: {name} must be integers, got dtype {pos.dtype}")
     window = check_window(window)
     for name, per_head in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
-        if per_head is not None and np.shape(per_head) != (H,):
+        if per_head is not None and checks.shape_of(per_head) != (H,):
             raise RequestError(f"attention: {name} must have shape ({H},) (one per query head), got "
-                               f"{np.shape(per_head)}")
-    scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
-    return q, k, v, qpos, kpos, window, scale
+                               f"{checks.shape_of(per_head)}")
+    scale = 1.0 / math.sqrt(Dh) if scale is None else checks.finite_real(scale, "attention: scale")
+    return {"q": q, "k": k, "v": v, "q_positions": qpos, "k_positions": kpos, "window": window,
+            "sinks": None if sinks is None else checks.array(sinks), "scale": scale,
+            "alibi_slopes": None if alibi_slopes is None else checks.array(alibi_slopes)}
 
 
 @op("attention",
@@ -95,7 +108,7 @@ def check_attention_args(q, k, v, q_positions, k_positions, window, sinks, alibi
     tolerance={"float32": 1e-5, "float64": 1e-12}, cases=_cases,
     source="seed 'Mathematical Foundations' + '6. Grouped-Query Attention (GQA)' + 'Sliding Window "
            "Attention' (corrected); GQA paper; official gpt-oss sdpa (sinks); ALiBi paper",
-    spec_file="spec/ops/attention.md", flops=_flops)
+    spec_file="spec/ops/attention.md", flops=_flops, check=check_attention_args)
 def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=None, scale=None,
               alibi_slopes=None):
     """Softmax attention of T queries over S keys; returns ``[T, H, Dv]``.
@@ -112,8 +125,7 @@ def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=No
     - ``scale`` defaults to ``1/sqrt(Dh)``. ``sinks[H]`` are raw logits (not scaled).
     - A query that sees no key (possible only with empty cache slots) outputs zeros.
     """
-    q, k, v, qpos, kpos, window, scale = check_attention_args(
-        q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale)
+    qpos, kpos = q_positions, k_positions
     T, H, Dh = q.shape
     S, G, _ = k.shape
     dtype = compute_dtype(q)
@@ -128,8 +140,8 @@ def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=No
         slopes = np.asarray(alibi_slopes).astype(dtype)            # [H]
         distance = (qpos[:, None] - kpos[None, :]).astype(dtype)   # [T,S]
         scores = scores - slopes[:, None, None] * distance         # [H,T,S]
-    visible = attention_mask(qpos, kpos, window)                   # [T,S]
+    visible = _attention_mask(qpos, kpos, window)                  # [T,S]
     scores = np.where(visible[None], scores, dtype.type(-np.inf))  # [H,T,S]
     sink = None if sinks is None else np.asarray(sinks).astype(dtype)[:, None]   # [H,1] -> rows [H,T]
-    probs = softmax(scores, sinks=sink)                            # [H,T,S]
+    probs = _softmax(scores, sinks=sink)                           # [H,T,S]
     return np.einsum("hts,shd->thd", probs, v).astype(dtype, copy=False)   # [T,H,Dv]

@@ -12,9 +12,19 @@ from numbers import Integral, Real
 import numpy as np
 
 from gptevo.errors import RequestError
+from gptevo.ops.checks import real_array
 from gptevo.ops.spec import Case, compute_dtype, op
 
 SPEC = "spec/ops/blocks.md"
+
+
+def check_dropout_args(x, p, seed, training=False) -> dict:
+    """x real; p a probability in [0, 1) (as a float); seed an int >= 0; training as a bool."""
+    if isinstance(p, bool) or not isinstance(p, Real) or not math.isfinite(p) or not 0.0 <= p < 1.0:
+        raise RequestError(f"dropout: p must be a probability in [0, 1); found {p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise RequestError(f"dropout: seed must be a non-negative integer; found {seed!r}")
+    return {"x": real_array(x, "dropout: x"), "p": float(p), "seed": int(seed), "training": bool(training)}
 
 
 def _dropout_cases(rng: np.random.Generator):
@@ -35,7 +45,7 @@ def _dropout_cases(rng: np.random.Generator):
     cases=_dropout_cases,
     source="seed '1. Dropout Elimination' (Dropout(x) = x/(1-p) with probability 1-p, else 0); "
            "Srivastava et al. 2014 (inverted scaling as in torch.nn.Dropout)",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_dropout_args)
 def dropout(x, p, seed, training=False):
     """Inverted dropout: zero each element with probability ``p`` and scale the rest by ``1/(1-p)``.
 
@@ -45,15 +55,10 @@ def dropout(x, p, seed, training=False):
     ``u >= p``; kept elements become ``x * (1 / (1 - p))``. Same seed, same mask.
     ``p`` outside [0, 1) or a negative/non-integer seed raise RequestError.
     """
-    if isinstance(p, bool) or not isinstance(p, Real) or not math.isfinite(p) or not 0.0 <= p < 1.0:
-        raise RequestError(f"dropout: p must be a probability in [0, 1); found {p!r}")
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise RequestError(f"dropout: seed must be a non-negative integer; found {seed!r}")
-    x = np.asarray(x)
     dtype = compute_dtype(x)
     out = x.astype(dtype, copy=True)  # [...]
     if not training or p == 0.0:
         return out
-    keep = np.random.default_rng(int(seed)).random(x.shape) >= p  # [...] bool
-    scale = dtype.type(1.0 / (1.0 - float(p)))
+    keep = np.random.default_rng(seed).random(x.shape) >= p  # [...] bool
+    scale = dtype.type(1.0 / (1.0 - p))
     return np.where(keep, out * scale, dtype.type(0.0)).astype(dtype, copy=False)  # [...]

@@ -8,47 +8,94 @@
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 
 from gptevo.errors import RequestError
+from gptevo.ops import checks
 from gptevo.ops.spec import Case, compute_dtype, op
 
 SPEC = "spec/ops/embedding.md"
 
 
 # ---------------------------------------------------------------------------------------------
-# validation helpers
+# argument checks (one per op; the registry runs them before any backend's implementation)
 
-def _check_table(table, what: str) -> np.ndarray:
-    table = np.asarray(table)
-    if table.ndim != 2:
-        raise RequestError(f"{what} must be 2-D [rows, D]; found shape {table.shape}")
-    return table
-
-
-def _check_index(ids, rows: int, what: str, table_name: str) -> np.ndarray:
-    """``ids`` as an integer array whose values all lie in [0, rows); RequestError otherwise."""
-    ids = np.asarray(ids)
+def _check_lookup(table, ids, what: str, table_what: str, table_name: str) -> tuple:
+    """(table, ids): table a real 2-D array [rows, D]; ids integers, all in [0, rows) when they are a
+    NumPy array (a backend's device ids are checked on their dtype only: no transfer)."""
+    table = checks.array(table)
+    if len(table.shape) != 2:
+        raise RequestError(f"{table_what} must be 2-D [rows, D]; found shape {tuple(table.shape)}")
+    if not checks.is_real(table.dtype):
+        raise RequestError(f"{table_what} has dtype {table.dtype}; expected float32, float64, float16 or bfloat16")
+    ids = checks.array(ids)
     if ids.dtype.kind not in "iu":
         raise RequestError(f"{what} must be integers; found dtype {ids.dtype}")
-    if ids.size:
-        bad = np.flatnonzero((ids.reshape(-1) < 0) | (ids.reshape(-1) >= rows))
+    rows = table.shape[0]
+    if checks.on_host(ids) and ids.size:
+        flat = ids.reshape(-1)
+        bad = np.flatnonzero((flat < 0) | (flat >= rows))
         if bad.size:
             i = int(bad[0])
-            raise RequestError(f"{what}[{i}] = {int(ids.reshape(-1)[i])} is outside [0, {rows}) "
-                               f"({table_name} has {rows} rows); {bad.size} value(s) out of range")
-    return ids
+            raise RequestError(f"{what}[{i}] = {int(flat[i])} is outside [0, {rows}) ({table_name} has {rows} "
+                               f"rows); {bad.size} value(s) out of range")
+    return table, ids
 
 
-def _check_positions(p, what: str) -> np.ndarray:
-    p = np.asarray(p)
-    if p.ndim != 1:
-        raise RequestError(f"{what} must be 1-D [T]; found shape {p.shape}")
+def check_embedding_args(table, ids) -> dict:
+    """table real [V, D]; ids integers in [0, V)."""
+    table, ids = _check_lookup(table, ids, "ids", "embedding table", "the embedding table")
+    return {"table": table, "ids": ids}
+
+
+def check_learned_positions_args(table, positions) -> dict:
+    """table real [P, D]; positions integers in [0, P) (P = max_position_embeddings)."""
+    table, positions = _check_lookup(table, positions, "positions", "position table",
+                                     "the learned position table (max_position_embeddings)")
+    return {"table": table, "positions": positions}
+
+
+def _check_positions(p, what: str):
+    """1-D integer or real positions [T]."""
+    p = checks.array(p)
+    if len(p.shape) != 1:
+        raise RequestError(f"{what} must be 1-D [T]; found shape {tuple(p.shape)}")
     if p.dtype.kind not in "iuf":
         raise RequestError(f"{what} must be integers (or real numbers); found dtype {p.dtype}")
     return p
+
+
+def check_sinusoidal_positions_args(positions, dim, base=10000.0, dtype="float32") -> dict:
+    """positions [T] integer or real; dim a positive int; base a positive finite real; dtype
+    "float32" or "float64" (returned as that name)."""
+    positions = _check_positions(positions, "positions")
+    dim = checks.positive_int(dim, "dim")
+    if isinstance(base, bool) or not isinstance(base, Real) or not math.isfinite(base) or base <= 0:
+        raise RequestError(f"base must be a positive finite number; found {base!r}")
+    try:
+        out_dtype = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        out_dtype = None
+    if out_dtype is None or out_dtype.name not in ("float32", "float64"):
+        raise RequestError(f'dtype must be "float32" or "float64"; found {dtype!r}')
+    return {"positions": positions, "dim": dim, "base": float(base), "dtype": out_dtype.name}
+
+
+def check_alibi_slopes_args(num_heads) -> dict:
+    """num_heads a positive int."""
+    return {"num_heads": checks.positive_int(num_heads, "num_heads")}
+
+
+def check_alibi_bias_args(slopes, q_positions, k_positions) -> dict:
+    """slopes real [H]; positions [T] and [S], integer or real."""
+    slopes = checks.array(slopes)
+    if len(slopes.shape) != 1 or slopes.dtype.kind not in "iuf":
+        raise RequestError(f"slopes must be a 1-D real array [H]; found shape {tuple(slopes.shape)}, "
+                           f"dtype {slopes.dtype}")
+    return {"slopes": slopes, "q_positions": _check_positions(q_positions, "q_positions"),
+            "k_positions": _check_positions(k_positions, "k_positions")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +122,7 @@ def _lookup_cases(rng: np.random.Generator, index_name: str):
     exact=True,
     cases=lambda rng: _lookup_cases(rng, "ids"),
     source="seed 'GPT-2 Baseline Architecture' (token embeddings); GPT-2 wte / every HF family embed_tokens",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_embedding_args)
 def embedding(table, ids):
     """Row ``ids[t]`` of the token table for each position: ``out[t] = table[ids[t]]``.
 
@@ -84,8 +131,6 @@ def embedding(table, ids):
     widening bf16/f16 is exact. Ids outside [0, V), negative ones included, raise RequestError.
     Family-specific scales (Gemma's sqrt(D)) are applied by the model, not here.
     """
-    table = _check_table(table, "embedding table")
-    ids = _check_index(ids, table.shape[0], "ids", "the embedding table")
     return table[ids].astype(compute_dtype(table))  # [T,D]
 
 
@@ -96,16 +141,13 @@ def embedding(table, ids):
     exact=True,
     cases=lambda rng: _lookup_cases(rng, "positions"),
     source="seed '2. GPT-2 (2019) - Learned Absolute Position Embeddings'; GPT-2 wpe",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_learned_positions_args)
 def learned_positions(table, positions):
     """Row ``positions[t]`` of a learned position table (GPT-2 ``wpe``): [P, D] -> [T, D].
 
     Same contract as :func:`embedding`. P is the model's ``max_position_embeddings``: a position
     >= P has no embedding and raises RequestError (learned tables cannot extrapolate).
     """
-    table = _check_table(table, "position table")
-    positions = _check_index(positions, table.shape[0], "positions",
-                             "the learned position table (max_position_embeddings)")
     return table[positions].astype(compute_dtype(table))  # [T,D]
 
 
@@ -129,7 +171,7 @@ def _sinusoidal_cases(rng: np.random.Generator):
     cases=_sinusoidal_cases,
     source="Vaswani et al. 2017 'Attention Is All You Need' sec. 3.5; seed '3. Rotary Position "
            "Embeddings' (1. Original Transformer: even dims sin, odd dims cos)",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_sinusoidal_positions_args)
 def sinusoidal_positions(positions, dim, base=10000.0, dtype="float32"):
     """The fixed sinusoidal position table of the original Transformer, interleaved as in the paper.
 
@@ -138,33 +180,15 @@ def sinusoidal_positions(positions, dim, base=10000.0, dtype="float32"):
     An odd ``dim`` simply ends on a sin column. Angles are computed in float64 and the table is
     rounded once to ``dtype`` ("float32" or "float64"). Returns [T, dim].
     """
-    positions = _check_positions(positions, "positions")
-    if isinstance(dim, bool) or not isinstance(dim, Integral) or dim < 1:
-        raise RequestError(f"dim must be a positive integer; found {dim!r}")
-    if isinstance(base, bool) or not isinstance(base, Real) or not math.isfinite(base) or base <= 0:
-        raise RequestError(f"base must be a positive finite number; found {base!r}")
-    try:
-        out_dtype = None if dtype is None else np.dtype(dtype)
-    except TypeError:
-        out_dtype = None
-    if out_dtype is None or out_dtype.name not in ("float32", "float64"):
-        raise RequestError(f'dtype must be "float32" or "float64"; found {dtype!r}')
-    dim = int(dim)
     j = np.arange(dim)                                            # [dim]
     inv_freq = float(base) ** (-(2 * (j // 2)) / dim)             # [dim]  base^(-2i/dim)
     angles = positions.astype(np.float64)[:, None] * inv_freq     # [T,dim]
     table = np.where(j % 2 == 0, np.sin(angles), np.cos(angles))  # [T,dim]
-    return table.astype(out_dtype)
+    return table.astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # ALiBi
-
-def _check_num_heads(num_heads) -> int:
-    if isinstance(num_heads, bool) or not isinstance(num_heads, Integral) or num_heads < 1:
-        raise RequestError(f"num_heads must be a positive integer; found {num_heads!r}")
-    return int(num_heads)
-
 
 def _power_of_two_slopes(n: int) -> np.ndarray:
     """Geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8) for n a power of two."""
@@ -178,7 +202,7 @@ def _power_of_two_slopes(n: int) -> np.ndarray:
     cases=lambda rng: (Case(f"H={h}", {"num_heads": h}) for h in (1, 3, 8, 12, 16, 20, 64)),
     source="Press, Smith, Lewis 2022 'Train Short, Test Long' (ALiBi) sec. 3; official code "
            "ofirpress/attention_with_linear_biases (get_slopes, non-power-of-two rule)",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_alibi_slopes_args)
 def alibi_slopes(num_heads):
     """The per-head ALiBi slopes m_h, float64 [H].
 
@@ -188,7 +212,7 @@ def alibi_slopes(num_heads):
     the first n - m of every other slope (indices 0, 2, 4, ...) of the 2m-head sequence, i.e.
     ``2^(-8 (2k+1) / (2m))`` for k = 0 .. n-m-1 (the paper's rule, as in its official code).
     """
-    n = _check_num_heads(num_heads)
+    n = num_heads
     if n & (n - 1) == 0:
         return _power_of_two_slopes(n)  # [n]
     m = 1 << (n.bit_length() - 1)  # largest power of two below n
@@ -217,7 +241,7 @@ def _alibi_bias_cases(rng: np.random.Generator):
     cases=_alibi_bias_cases,
     source="Press, Smith, Lewis 2022 'Train Short, Test Long' (ALiBi) sec. 3, eq. softmax(q_i K^T + "
            "m * [-(i-1), ..., -1, 0])",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_alibi_bias_args)
 def alibi_bias(slopes, q_positions, k_positions):
     """The ALiBi attention bias ``bias[h, i, j] = -m_h * (q_i - k_j) = m_h * (k_j - q_i)``.
 
@@ -226,12 +250,8 @@ def alibi_bias(slopes, q_positions, k_positions):
     positive value, which the causal mask hides. The product is taken in float64 and rounded once
     to the slopes' compute dtype (float64 stays float64, else float32). Returns [H, T, S].
     """
-    slopes_arr = np.asarray(slopes)
-    if slopes_arr.ndim != 1 or slopes_arr.dtype.kind not in "iuf":
-        raise RequestError(f"slopes must be a 1-D real array [H]; found shape {slopes_arr.shape}, "
-                           f"dtype {slopes_arr.dtype}")
-    q = _check_positions(q_positions, "q_positions").astype(np.float64)  # [T]
-    k = _check_positions(k_positions, "k_positions").astype(np.float64)  # [S]
+    q = q_positions.astype(np.float64)  # [T]
+    k = k_positions.astype(np.float64)  # [S]
     distance = k[None, :] - q[:, None]  # [T,S]  (<= 0 for visible keys)
-    bias = slopes_arr.astype(np.float64)[:, None, None] * distance[None]  # [H,T,S]
-    return bias.astype(compute_dtype(slopes_arr))
+    bias = slopes.astype(np.float64)[:, None, None] * distance[None]  # [H,T,S]
+    return bias.astype(compute_dtype(slopes))

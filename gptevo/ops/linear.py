@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from gptevo.errors import RequestError
-from gptevo.ops.activations import gelu, swiglu
-from gptevo.ops.spec import Case, compute_dtype, op, widen
+from gptevo.ops import checks
+from gptevo.ops.activations import APPROXIMATIONS, gelu, swiglu
+from gptevo.ops.spec import Case, compute_dtype, op, unchecked, widen
 
 SPEC = "spec/ops/linear.md"
 
@@ -20,12 +21,64 @@ SPEC = "spec/ops/linear.md"
 MATMUL = {"float32": 2e-5, "float64": 1e-12}
 
 
-def _weight(weight, dtype, what: str) -> np.ndarray:
-    w = np.asarray(widen(weight, dtype)).astype(dtype, copy=False)  # [out,in]
-    if w.ndim != 2:
-        raise RequestError(f"{what} must be 2-D (out, in); found shape {w.shape}")
-    return w
+# ---------------------------------------------------------------------------------------------
+# argument checks (one per op; the registry runs them before any backend's implementation)
 
+def _check_projection(x_shape: tuple, weight, bias):
+    """(weight, bias, out features) for ``linear`` of an input of shape ``x_shape`` [..., in]:
+    weight [out, in] (a real array or a packed weight), bias None or [out]. Shapes only."""
+    weight = checks.weight(weight, 2, "linear weight", "linear weight must be 2-D (out, in); found shape {shape}")
+    n_out, n_in = weight.shape
+    if x_shape[-1] != n_in:
+        raise RequestError(f"linear: x has {x_shape[-1]} input features (shape {x_shape}) but the weight "
+                           f"expects {n_in} (weight shape {tuple(weight.shape)}, layout (out, in))")
+    if bias is not None:
+        bias = checks.array(bias)
+        if tuple(bias.shape) != (n_out,):
+            raise RequestError(f"linear: bias has shape {tuple(bias.shape)}, expected ({n_out},)")
+    return weight, bias, n_out
+
+
+def _check_x(x) -> tuple:
+    """(x, its shape) for the matrix ops: a real array with a last axis [..., in]."""
+    x = checks.real_array(x, "linear: x")
+    if len(x.shape) < 1:
+        raise RequestError("linear: x must have a last axis [..., in]; found a scalar")
+    return x, tuple(x.shape)
+
+
+def check_linear_args(x, weight, bias=None) -> dict:
+    """x real [..., in]; weight [out, in]; bias None or [out]."""
+    x, shape = _check_x(x)
+    weight, bias, _ = _check_projection(shape, weight, bias)
+    return {"x": x, "weight": weight, "bias": bias}
+
+
+def check_gelu_mlp_args(x, w_fc, b_fc, w_proj, b_proj, approximate) -> dict:
+    """``linear``'s checks for both projections (x [..., D] -> [..., I] -> [..., D']) and ``gelu``'s
+    approximate."""
+    approximate = checks.one_of(approximate, APPROXIMATIONS, 'approximate must be "none" or "tanh"; found {value!r}')
+    x, shape = _check_x(x)
+    w_fc, b_fc, inter = _check_projection(shape, w_fc, b_fc)
+    w_proj, b_proj, _ = _check_projection(shape[:-1] + (inter,), w_proj, b_proj)
+    return {"x": x, "w_fc": w_fc, "b_fc": b_fc, "w_proj": w_proj, "b_proj": b_proj, "approximate": approximate}
+
+
+def check_swiglu_mlp_args(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None) -> dict:
+    """``linear``'s checks for the three projections; gate and up give one width I."""
+    x, shape = _check_x(x)
+    w_gate, b_gate, n_gate = _check_projection(shape, w_gate, b_gate)
+    w_up, b_up, n_up = _check_projection(shape, w_up, b_up)
+    if n_gate != n_up:
+        raise RequestError(f"swiglu: gate has shape {shape[:-1] + (n_gate,)} but up has shape "
+                           f"{shape[:-1] + (n_up,)}; they must match")
+    w_down, b_down, _ = _check_projection(shape[:-1] + (n_gate,), w_down, b_down)
+    return {"x": x, "w_gate": w_gate, "w_up": w_up, "w_down": w_down, "b_gate": b_gate, "b_up": b_up,
+            "b_down": b_down}
+
+
+# ---------------------------------------------------------------------------------------------
+# ops
 
 @op("linear",
     signature="linear(x[...,in], weight[out,in], bias[out]|None=None) -> [...,out]",
@@ -37,28 +90,24 @@ def _weight(weight, dtype, what: str) -> np.ndarray:
     spec_file=SPEC,
     flops=lambda x, weight, bias=None: 2 * int(np.prod(np.shape(x)[:-1], dtype=np.int64)) * int(
         np.prod(getattr(weight, "shape", (0, 0)), dtype=np.int64)),
-    bytes=lambda x, weight, bias=None: int(getattr(weight, "nbytes", 0)) + int(np.asarray(x).nbytes))
+    bytes=lambda x, weight, bias=None: int(getattr(weight, "nbytes", 0)) + int(np.asarray(x).nbytes),
+    check=check_linear_args)
 def linear(x, weight, bias=None):
     """``y = x @ weight.T + bias``.
 
     x: [..., in]; weight: [out, in]; bias: [out] or None. Returns [..., out] in x's compute dtype.
     The weight (and bias) are widened or decoded to that dtype before the product.
     """
-    x = np.asarray(x)
-    if x.ndim < 1:
-        raise RequestError("linear: x must have a last axis [..., in]; found a scalar")
     dtype = compute_dtype(x)
-    w = _weight(weight, dtype, "linear weight")  # [out,in]
-    if x.shape[-1] != w.shape[1]:
-        raise RequestError(f"linear: x has {x.shape[-1]} input features (shape {x.shape}) but the weight "
-                           f"expects {w.shape[1]} (weight shape {w.shape}, layout (out, in))")
+    w = np.asarray(widen(weight, dtype)).astype(dtype, copy=False)  # [out,in]
     y = x.astype(dtype, copy=False) @ w.T  # [...,out]
     if bias is not None:
-        b = np.asarray(widen(bias, dtype)).astype(dtype, copy=False)  # [out]
-        if b.shape != (w.shape[0],):
-            raise RequestError(f"linear: bias has shape {b.shape}, expected ({w.shape[0]},)")
-        y = y + b  # [...,out]
+        y = y + np.asarray(widen(bias, dtype)).astype(dtype, copy=False)  # [...,out]
     return y
+
+
+# The bodies, for the MLPs below: their arguments are checked once, by check_*_mlp_args.
+_linear, _gelu, _swiglu = unchecked(linear), unchecked(gelu), unchecked(swiglu)
 
 
 @op("gelu_mlp",
@@ -70,11 +119,12 @@ def linear(x, weight, bias=None):
            "(gelu_new = tanh form)",
     spec_file=SPEC,
     flops=lambda x, w_fc, b_fc, w_proj, b_proj, approximate: 4 * int(np.shape(x)[0]) * int(
-        np.prod(getattr(w_fc, "shape", (0, 0)), dtype=np.int64)))
+        np.prod(getattr(w_fc, "shape", (0, 0)), dtype=np.int64)),
+    check=check_gelu_mlp_args)
 def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, approximate):
     """``linear(gelu(linear(x, w_fc, b_fc), approximate), w_proj, b_proj)``: [T,D] -> [T,I] -> [T,D]."""
-    hidden = gelu(linear(x, w_fc, b_fc), approximate=approximate)  # [T,I]
-    return linear(hidden, w_proj, b_proj)  # [T,D]
+    hidden = _gelu(_linear(x, w_fc, b_fc), approximate=approximate)  # [T,I]
+    return _linear(hidden, w_proj, b_proj)  # [T,D]
 
 
 @op("swiglu_mlp",
@@ -87,12 +137,13 @@ def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, approximate):
            "HF LlamaMLP",
     spec_file=SPEC,
     flops=lambda x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None: 6 * int(np.shape(x)[0]) * int(
-        np.prod(getattr(w_gate, "shape", (0, 0)), dtype=np.int64)))
+        np.prod(getattr(w_gate, "shape", (0, 0)), dtype=np.int64)),
+    check=check_swiglu_mlp_args)
 def swiglu_mlp(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None):
     """``linear(silu(linear(x, w_gate)) * linear(x, w_up), w_down)`` (biases optional): [T,D] -> [T,D]."""
-    gate = linear(x, w_gate, b_gate)  # [T,I]
-    up = linear(x, w_up, b_up)  # [T,I]
-    return linear(swiglu(gate, up), w_down, b_down)  # [T,D]
+    gate = _linear(x, w_gate, b_gate)  # [T,I]
+    up = _linear(x, w_up, b_up)  # [T,I]
+    return _linear(_swiglu(gate, up), w_down, b_down)  # [T,D]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,15 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from gptevo.errors import RequestError
+from gptevo.ops.checks import integer_positions
 from gptevo.ops.spec import Case, op
-
-
-def _positions(p, name: str) -> np.ndarray:
-    p = np.asarray(p)
-    if p.ndim != 1 or p.dtype.kind not in "iu":
-        raise RequestError(f"attention_mask: {name} must be a 1-D integer array, got shape {p.shape} "
-                           f"dtype {p.dtype}")
-    return p.astype(np.int64)
 
 
 def check_window(window) -> int | None:
@@ -29,6 +22,13 @@ def check_window(window) -> int | None:
         raise RequestError(f"sliding window must be None or an integer >= 1 (keys seen, self included), "
                            f"got {window!r}")
     return int(window)
+
+
+def check_attention_mask_args(q_positions, k_positions, window=None) -> dict:
+    """Positions 1-D integer arrays [T] and [S]; window None or an int >= 1."""
+    return {"q_positions": integer_positions(q_positions, "attention_mask: q_positions"),
+            "k_positions": integer_positions(k_positions, "attention_mask: k_positions"),
+            "window": check_window(window)}
 
 
 def _cases(rng):
@@ -52,7 +52,7 @@ def _cases(rng):
     tolerance={"float32": 0.0, "float64": 0.0}, cases=_cases,
     source="HF masking_utils (causal, sliding_window: kv_idx > q_idx - W); official gpt-oss sdpa mask; "
            "seed 'Sliding Window Attention' (corrected)",
-    spec_file="spec/ops/attention.md", exact=True)
+    spec_file="spec/ops/attention.md", exact=True, check=check_attention_mask_args)
 def attention_mask(q_positions, k_positions, window=None):
     """``visible[t, s] = 0 <= k_s <= q_t and (window is None or k_s > q_t - window)``.
 
@@ -61,9 +61,8 @@ def attention_mask(q_positions, k_positions, window=None):
     included (gpt-oss W=128, Mistral W=4096). Negative key positions mark empty KV-cache slots and
     are never visible. A query that sees no key gets an all-False row (attention outputs zeros).
     """
-    q = _positions(q_positions, "q_positions")[:, None]         # [T,1]
-    k = _positions(k_positions, "k_positions")[None, :]         # [1,S]
-    window = check_window(window)
+    q = q_positions.astype(np.int64)[:, None]                   # [T,1]
+    k = k_positions.astype(np.int64)[None, :]                   # [1,S]
     visible = (k >= 0) & (k <= q)                               # [T,S]
     if window is not None:
         visible &= k > q - window                               # [T,S]

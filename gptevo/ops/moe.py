@@ -15,14 +15,18 @@ import ml_dtypes
 import numpy as np
 
 from gptevo.errors import RequestError
+from gptevo.ops import checks
 from gptevo.ops.activations import clamped_swiglu, swiglu
 from gptevo.ops.mxfp4 import Mxfp4Weight, mxfp4_encode
 from gptevo.ops.softmax import softmax
-from gptevo.ops.spec import Case, compute_dtype, op, widen
+from gptevo.ops.spec import Case, compute_dtype, op, unchecked, widen
 
 ROUTE_ORDERS = ("softmax_topk", "topk_softmax")
 EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
 BF16 = ml_dtypes.bfloat16
+
+# The bodies the MoE ops compose: their arguments are checked once, by this module's checks.
+_softmax, _swiglu, _clamped_swiglu = unchecked(softmax), unchecked(swiglu), unchecked(clamped_swiglu)
 
 
 def _topk_ids(scores: np.ndarray, k: int) -> np.ndarray:
@@ -46,6 +50,19 @@ def _route_cases(rng: np.random.Generator):
         "logits": rng.standard_normal((4, 128)).astype(np.float32), "k": 8})
 
 
+def check_moe_route_args(logits, k, order="softmax_topk", renormalize=False) -> dict:
+    """logits real [T, E]; k an int in 1..E; order one of ROUTE_ORDERS; renormalize as a bool."""
+    logits = checks.real_array(logits, "moe_route: logits")
+    if len(logits.shape) != 2:
+        raise RequestError(f"moe_route: logits must be [T, E], got shape {list(logits.shape)}")
+    n_experts = logits.shape[1]
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_experts:
+        raise RequestError(f"moe_route: k must be an int in 1..{n_experts} (E), got {k!r}")
+    order = checks.one_of(order, ROUTE_ORDERS, "moe_route: order must be one of " + str(ROUTE_ORDERS)
+                          + ", got {value!r}")
+    return {"logits": logits, "k": int(k), "order": order, "renormalize": bool(renormalize)}
+
+
 @op("moe_route",
     signature='moe_route(logits[T,E], k, order="softmax_topk"|"topk_softmax", renormalize=False) '
               "-> (weights[T,k], ids[T,k] int64)",
@@ -53,7 +70,7 @@ def _route_cases(rng: np.random.Generator):
     tolerance={"float32": 2e-6, "float64": 1e-13},
     cases=_route_cases,
     source="seed section 7 (Router, Top-K); HF Mixtral/Qwen3-MoE routing; gpt-oss gpt_oss/torch/model.py",
-    spec_file="spec/ops/moe.md")
+    spec_file="spec/ops/moe.md", check=check_moe_route_args)
 def moe_route(logits, k, order="softmax_topk", renormalize=False):
     """Pick ``k`` experts per token and their mixing weights.
 
@@ -66,23 +83,15 @@ def moe_route(logits, k, order="softmax_topk", renormalize=False):
     weight. Softmax is monotone, so both orders rank experts by their logits; equal logits are
     taken lower expert index first (torch.topk leaves ties unspecified).
     """
-    logits = np.asarray(logits)
-    if logits.ndim != 2:
-        raise RequestError(f"moe_route: logits must be [T, E], got shape {list(logits.shape)}")
-    n_experts = logits.shape[1]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_experts:
-        raise RequestError(f"moe_route: k must be an int in 1..{n_experts} (E), got {k!r}")
-    if order not in ROUTE_ORDERS:
-        raise RequestError(f"moe_route: order must be one of {ROUTE_ORDERS}, got {order!r}")
     z = widen(logits, compute_dtype(logits))                         # [T, E]
-    ids = _topk_ids(z, int(k))                                       # [T, k]
+    ids = _topk_ids(z, k)                                            # [T, k]
     if order == "softmax_topk":
-        p = softmax(z)                                               # [T, E]
+        p = _softmax(z)                                              # [T, E]
         weights = np.take_along_axis(p, ids, axis=-1)                # [T, k]
         if renormalize:
             weights = weights / weights.sum(axis=-1, keepdims=True)  # [T, k]
     else:
-        weights = softmax(np.take_along_axis(z, ids, axis=-1))       # [T, k]
+        weights = _softmax(np.take_along_axis(z, ids, axis=-1))      # [T, k]
     return weights, ids.astype(np.int64)
 
 
@@ -95,24 +104,32 @@ def _combine_cases(rng: np.random.Generator):
                                     "weights": rng.dirichlet(np.ones(2), size=4)})
 
 
+def check_moe_combine_args(expert_out, weights) -> dict:
+    """expert_out real [T,k,D]; weights real [T,k]."""
+    expert_out = checks.real_array(expert_out, "moe_combine: expert_out")
+    weights = checks.real_array(weights, "moe_combine: weights")
+    if len(expert_out.shape) != 3 or tuple(weights.shape) != tuple(expert_out.shape[:2]):
+        raise RequestError(f"moe_combine: expected expert_out [T,k,D] and weights [T,k], got "
+                           f"{list(expert_out.shape)} and {list(weights.shape)}")
+    return {"expert_out": expert_out, "weights": weights}
+
+
 @op("moe_combine",
     signature="moe_combine(expert_out[T,k,D], weights[T,k]) -> [T,D]",
     dtypes="expert_out: f32|f64; weights: f32|f64|bf16",
     tolerance={"float32": 2e-6, "float64": 1e-13},
     cases=_combine_cases,
     source="seed section 7 (Expert Output: sum over TopK of g_i(x) * E_i(x))",
-    spec_file="spec/ops/moe.md")
+    spec_file="spec/ops/moe.md", check=check_moe_combine_args)
 def moe_combine(expert_out, weights):
     """out[t] = sum_j weights[t, j] * expert_out[t, j], summed over the k slots in order."""
-    expert_out = np.asarray(expert_out)
-    weights = np.asarray(weights)
-    if expert_out.ndim != 3 or weights.shape != expert_out.shape[:2]:
-        raise RequestError(f"moe_combine: expected expert_out [T,k,D] and weights [T,k], got "
-                           f"{list(expert_out.shape)} and {list(weights.shape)}")
     dt = compute_dtype(expert_out)
     y = widen(expert_out, dt)                                        # [T, k, D]
     w = widen(weights, dt)                                           # [T, k]
     return (w[:, :, None] * y).sum(axis=1)                           # [T, D]
+
+
+_moe_combine = unchecked(moe_combine)     # moe_experts' last step, on arguments it made
 
 
 def _expert_activation(h: np.ndarray, activation: str, alpha: float, limit: float) -> np.ndarray:
@@ -120,8 +137,8 @@ def _expert_activation(h: np.ndarray, activation: str, alpha: float, limit: floa
     clamped_swiglu: gate = even columns, linear = odd columns (interleaved, gpt-oss)."""
     if activation == "swiglu":
         half = h.shape[-1] // 2
-        return swiglu(h[:, :half], h[:, half:])                      # [n, I]
-    return clamped_swiglu(h, alpha=alpha, limit=limit)               # [n, I]
+        return _swiglu(h[:, :half], h[:, half:])                     # [n, I]
+    return _clamped_swiglu(h, alpha=alpha, limit=limit)              # [n, I]
 
 
 def _routing_for(rng, t, n_experts, k, dtype=np.float32):
@@ -170,37 +187,47 @@ def _experts_cases(rng: np.random.Generator):
         "w_down": dense(e, d, i), "b_down": dense(1, e, d)[0]})
 
 
-def check_moe_experts_args(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation):
-    """Validate ``moe_experts`` arguments (shared by the reference and the backends).
+def check_moe_experts_args(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation="swiglu",
+                           alpha=1.702, limit=7.0) -> dict:
+    """``moe_experts``'s arguments checked.
 
-    Returns ``(x, weights, ids, n_experts, two_i, d)`` with x/weights/ids as NumPy arrays;
-    raises RequestError naming the argument, what was found and what was expected.
+    x real [T,D]; weights real [T,k]; ids integers [T,k], all in 0..E-1 when they are a NumPy array
+    (a backend's device ids: dtype only, no transfer); w_gate_up [E,2I,D] and w_down [E,D,I] real
+    arrays or packed weights; biases None or [E,2I] and [E,D]; activation one of
+    EXPERT_ACTIVATIONS; alpha and limit finite reals (as floats). RequestError names the argument.
     """
-    x = np.asarray(x)
-    ids = np.asarray(ids)
-    weights = np.asarray(weights)
-    if activation not in EXPERT_ACTIVATIONS:
-        raise RequestError(f"moe_experts: activation must be one of {EXPERT_ACTIVATIONS}, got {activation!r}")
-    if x.ndim != 2 or ids.ndim != 2 or ids.shape[0] != x.shape[0] or weights.shape != ids.shape:
+    activation = checks.one_of(activation, EXPERT_ACTIVATIONS, "moe_experts: activation must be one of "
+                               + str(EXPERT_ACTIVATIONS) + ", got {value!r}")
+    alpha = checks.finite_real(alpha, "moe_experts: alpha")
+    limit = checks.finite_real(limit, "moe_experts: limit")
+    x = checks.real_array(x, "moe_experts: x")
+    weights = checks.real_array(weights, "moe_experts: weights")
+    ids = checks.array(ids)
+    if len(x.shape) != 2 or len(ids.shape) != 2 or ids.shape[0] != x.shape[0] or \
+            tuple(weights.shape) != tuple(ids.shape):
         raise RequestError(f"moe_experts: expected x [T,D], weights [T,k], ids [T,k]; got "
                            f"{list(x.shape)}, {list(weights.shape)}, {list(ids.shape)}")
     if ids.dtype.kind not in "iu":
         raise RequestError(f"moe_experts: ids must be integers, got dtype {ids.dtype}")
-    if len(w_gate_up.shape) != 3 or len(w_down.shape) != 3:
-        raise RequestError(f"moe_experts: w_gate_up and w_down must be 3-D [E,2I,D] and [E,D,I], got "
-                           f"{list(w_gate_up.shape)} and {list(w_down.shape)}")
+    rank = "moe_experts: w_gate_up and w_down must be 3-D [E,2I,D] and [E,D,I], got {shape}"
+    w_gate_up = checks.weight(w_gate_up, 3, "moe_experts: w_gate_up", rank)
+    w_down = checks.weight(w_down, 3, "moe_experts: w_down", rank)
     n_experts, two_i, d = w_gate_up.shape
     if d != x.shape[1] or two_i % 2 or tuple(w_down.shape) != (n_experts, d, two_i // 2):
         raise RequestError(f"moe_experts: expected w_gate_up [E,2I,D] and w_down [E,D,I] with D={x.shape[1]}; "
                            f"got {list(w_gate_up.shape)} and {list(w_down.shape)}")
-    if b_gate_up is not None and tuple(np.shape(b_gate_up)) != (n_experts, two_i):
-        raise RequestError(f"moe_experts: b_gate_up must be [{n_experts}, {two_i}], got {list(np.shape(b_gate_up))}")
-    if b_down is not None and tuple(np.shape(b_down)) != (n_experts, d):
-        raise RequestError(f"moe_experts: b_down must be [{n_experts}, {d}], got {list(np.shape(b_down))}")
-    if ids.size and (ids.min() < 0 or ids.max() >= n_experts):
+    if b_gate_up is not None and checks.shape_of(b_gate_up) != (n_experts, two_i):
+        raise RequestError(f"moe_experts: b_gate_up must be [{n_experts}, {two_i}], got "
+                           f"{list(checks.shape_of(b_gate_up))}")
+    if b_down is not None and checks.shape_of(b_down) != (n_experts, d):
+        raise RequestError(f"moe_experts: b_down must be [{n_experts}, {d}], got {list(checks.shape_of(b_down))}")
+    if checks.on_host(ids) and ids.size and (ids.min() < 0 or ids.max() >= n_experts):
         raise RequestError(f"moe_experts: expert ids must be in 0..{n_experts - 1}, got "
                            f"{int(ids.min())}..{int(ids.max())}")
-    return x, weights, ids, n_experts, two_i, d
+    return {"x": x, "weights": weights, "ids": ids, "w_gate_up": w_gate_up,
+            "b_gate_up": None if b_gate_up is None else checks.array(b_gate_up), "w_down": w_down,
+            "b_down": None if b_down is None else checks.array(b_down), "activation": activation,
+            "alpha": alpha, "limit": limit}
 
 
 @op("moe_experts",
@@ -212,7 +239,7 @@ def check_moe_experts_args(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down
     cases=_experts_cases,
     source="seed section 7 (MoE(x) = sum_TopK g_i E_i(x)); gpt-oss gpt_oss/torch/model.py MLPBlock "
            "(clamped SwiGLU, interleaved gate/linear, b_down before weighting); HF Mixtral/Qwen3-MoE experts",
-    spec_file="spec/ops/moe.md")
+    spec_file="spec/ops/moe.md", check=check_moe_experts_args)
 def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation="swiglu",
                 alpha=1.702, limit=7.0):
     """The routed expert MLPs and their weighted sum.
@@ -226,9 +253,7 @@ def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activatio
     so b_down is scaled by the routing weight (gpt-oss). Weights may be float arrays or
     Mxfp4Weight; only the experts that appear in ``ids`` are read (and decoded).
     """
-    x, weights, ids, n_experts, two_i, d = check_moe_experts_args(
-        x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation)
-
+    d = w_gate_up.shape[2]
     dt = compute_dtype(x)
     x = widen(x, dt)                                                 # [T, D]
     expert_out = np.zeros((*ids.shape, d), dtype=dt)                 # [T, k, D]
@@ -242,7 +267,7 @@ def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activatio
         if b_down is not None:
             y = y + widen(b_down[e], dt)                             # [n, D]
         expert_out[tok, slot] = y
-    return moe_combine(expert_out=expert_out, weights=weights)      # [T, D]
+    return _moe_combine(expert_out=expert_out, weights=weights)     # [T, D]
 
 
 def _aux_cases(rng: np.random.Generator):

@@ -54,6 +54,13 @@ def _check_packed(blocks, scales, what: str, error=RequestError) -> None:
                     f"{list(blocks.shape)} (expected scales {list(blocks.shape[:-1])})")
 
 
+def check_mxfp4_decode_args(blocks, scales, dtype="float32") -> dict:
+    """blocks uint8 [..., G, 16] and scales uint8 [..., G], NumPy arrays; dtype "float32" or
+    "float64" (returned as that name)."""
+    _check_packed(blocks, scales, "mxfp4_decode")
+    return {"blocks": blocks, "scales": scales, "dtype": _decode_dtype(dtype).name}
+
+
 def _mxfp4_decode_cases(rng: np.random.Generator):
     every_byte = np.arange(256, dtype=np.uint8).reshape(16, 16)
     yield Case("all-256-bytes,scale=127", {"blocks": every_byte,
@@ -84,7 +91,7 @@ def _mxfp4_decode_cases(rng: np.random.Generator):
     source="OCP MX v1.0 (E2M1, E8M0, k=32); nibble order from openai/gpt-oss gpt_oss/torch/weights.py",
     spec_file="spec/ops/mxfp4.md", exact=True,
     bytes=lambda blocks, scales, dtype="float32": blocks.nbytes + scales.nbytes
-    + blocks.size * 2 * np.dtype(dtype).itemsize)
+    + blocks.size * 2 * np.dtype(dtype).itemsize, check=check_mxfp4_decode_args)
 def mxfp4_decode(blocks, scales, dtype="float32"):
     """Decode packed MXFP4 to floats, exactly: out[..., 32g + i] = FP4_VALUES[code_i] * 2**(s_g - 127).
 
@@ -100,8 +107,7 @@ def mxfp4_decode(blocks, scales, dtype="float32"):
     otherwise the forward raises NumericalError on the non-finite logits they cause).
     Code 8 decodes to -0.0.
     """
-    _check_packed(blocks, scales, "mxfp4_decode")
-    dt = _decode_dtype(dtype)
+    dt = np.dtype(dtype)
     table = FP4_VALUES.astype(dt)                                    # [16]
     lo = table[blocks & 0x0F]                                        # [..., G, 16] elements 0, 2, ..
     hi = table[blocks >> 4]                                          # [..., G, 16] elements 1, 3, ..

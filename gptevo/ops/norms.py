@@ -5,12 +5,10 @@ Both compute in float32 (float64 when ``x`` is float64) and return that compute 
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import numpy as np
 
 from gptevo.errors import RequestError
+from gptevo.ops.checks import array, finite_real, real_array, shape_of
 from gptevo.ops.spec import Case, compute_dtype, op, widen
 
 SPEC = "spec/ops/norms.md"
@@ -19,31 +17,32 @@ SPEC = "spec/ops/norms.md"
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 
 
-def _check_x(x) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim < 1 or x.shape[-1] == 0:
-        raise RequestError(f"x must have a non-empty last axis [..., D]; found shape {x.shape}")
-    return x.astype(compute_dtype(x), copy=False)
-
-
-def _check_vector(v, d: int, what: str, dtype) -> np.ndarray:
-    shape = getattr(v, "shape", np.shape(v))
-    if tuple(shape) != (d,):
-        raise RequestError(f"{what} must have shape ({d},) to match the last axis of x; found {tuple(shape)}")
-    return widen(v, dtype)
-
-
-def _check_real(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise RequestError(f"{what} must be a finite real number; found {value!r}")
-    return float(value)
-
-
-def _check_eps(eps) -> float:
-    eps = _check_real(eps, "eps")
+def _check_norm(x, weight, bias, eps) -> tuple:
+    """(x, weight, bias, eps) checked: x real [..., D] with D >= 1, weight and bias (may be None) [D],
+    eps a finite real >= 0 (as a float)."""
+    x = real_array(x, "x")
+    if len(x.shape) < 1 or x.shape[-1] == 0:
+        raise RequestError(f"x must have a non-empty last axis [..., D]; found shape {tuple(x.shape)}")
+    eps = finite_real(eps, "eps")
     if eps < 0:
         raise RequestError(f"eps must be >= 0; found {eps!r}")
-    return eps
+    d = x.shape[-1]
+    for what, v in (("weight", weight), ("bias", bias)):
+        if v is not None and shape_of(v) != (d,):
+            raise RequestError(f"{what} must have shape ({d},) to match the last axis of x; found {shape_of(v)}")
+    return x, array(weight), None if bias is None else array(bias), eps
+
+
+def check_layer_norm_args(x, weight, bias, eps) -> dict:
+    """``layer_norm``'s arguments checked (see :func:`_check_norm`); RequestError names the argument."""
+    x, weight, bias, eps = _check_norm(x, weight, bias, eps)
+    return {"x": x, "weight": weight, "bias": bias, "eps": eps}
+
+
+def check_rms_norm_args(x, weight, eps, offset=0.0) -> dict:
+    """``rms_norm``'s arguments checked (see :func:`_check_norm`; ``offset`` a finite real)."""
+    x, weight, _, eps = _check_norm(x, weight, None, eps)
+    return {"x": x, "weight": weight, "eps": eps, "offset": finite_real(offset, "offset")}
 
 
 def _norm_inputs(rng: np.random.Generator):
@@ -87,24 +86,22 @@ def _rms_norm_cases(rng: np.random.Generator):
     cases=_layer_norm_cases,
     source="seed '5. RMSNorm vs LayerNorm' (LayerNorm equation); Ba et al. 2016; GPT-2 ln_1/ln_2/ln_f "
            "(torch.nn.LayerNorm: biased variance, eps inside the sqrt)",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_layer_norm_args)
 def layer_norm(x, weight, bias, eps):
     """``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the last axis.
 
     x: [..., D]; weight, bias: [D] (bias may be None). ``var`` is the biased (population)
     variance ``mean((x - mean)^2)``, computed in two passes. Returns [..., D] in x's compute dtype.
     """
-    x = _check_x(x)  # [...,D]
-    d = x.shape[-1]
-    eps = _check_eps(eps)
-    w = _check_vector(weight, d, "weight", x.dtype)  # [D]
+    x = x.astype(compute_dtype(x), copy=False)  # [...,D]
+    w = widen(weight, x.dtype)  # [D]
     mean = x.mean(axis=-1, keepdims=True)  # [...,1]
     centered = x - mean  # [...,D]
     var = (centered * centered).mean(axis=-1, keepdims=True)  # [...,1]
     x_hat = centered / np.sqrt(var + eps)  # [...,D]
     y = x_hat * w  # [...,D]
     if bias is not None:
-        y = y + _check_vector(bias, d, "bias", x.dtype)  # [...,D]
+        y = y + widen(bias, x.dtype)  # [...,D]
     return y
 
 
@@ -115,7 +112,7 @@ def layer_norm(x, weight, bias, eps):
     cases=_rms_norm_cases,
     source="seed '5. RMSNorm vs LayerNorm' (RMSNorm equation); Zhang & Sennrich 2019; HF LlamaRMSNorm, "
            "gpt-oss torch RMSNorm; Gemma (1 + w) variant (HF GemmaRMSNorm)",
-    spec_file=SPEC)
+    spec_file=SPEC, check=check_rms_norm_args)
 def rms_norm(x, weight, eps, offset=0.0):
     """``y = x / sqrt(mean(x^2) + eps) * (offset + weight)`` over the last axis.
 
@@ -123,10 +120,8 @@ def rms_norm(x, weight, eps, offset=0.0):
     ``offset=1.0`` is Gemma's, whose stored weights are offsets from 1. Returns [..., D] in x's
     compute dtype. With eps = 0 an all-zero row gives NaN (0/0); models always pass eps > 0.
     """
-    x = _check_x(x)  # [...,D]
-    eps = _check_eps(eps)
-    offset = _check_real(offset, "offset")
-    w = _check_vector(weight, x.shape[-1], "weight", x.dtype)  # [D]
+    x = x.astype(compute_dtype(x), copy=False)  # [...,D]
+    w = widen(weight, x.dtype)  # [D]
     mean_sq = (x * x).mean(axis=-1, keepdims=True)  # [...,1]
     x_hat = x / np.sqrt(mean_sq + eps)  # [...,D]
     return x_hat * (offset + w)  # [...,D]

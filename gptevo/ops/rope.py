@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from gptevo.errors import ConfigError, RequestError
+from gptevo.ops import checks
 from gptevo.ops.spec import Case, compute_dtype, op
 
 RULES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -270,11 +271,13 @@ def rope_frequencies(head_dim, theta, rotary_dim=None, scaling=None, seq_len=Non
 # --------------------------------------------------------------------------------------------
 # 2. the cos/sin table
 # --------------------------------------------------------------------------------------------
-def _positions(positions, name: str) -> np.ndarray:
-    pos = np.asarray(positions)
-    if pos.ndim != 1 or pos.dtype.kind not in "iu":
-        raise RequestError(f"{name} must be a 1-D integer array, got shape {pos.shape} dtype {pos.dtype}")
-    return pos
+def check_rope_cos_sin_args(positions, inv_freq, attention_factor=1.0) -> dict:
+    """positions 1-D integers [T]; inv_freq real 1-D [R/2]."""
+    positions = checks.integer_positions(positions, "positions")
+    inv_freq = checks.real_array(inv_freq, "inv_freq")
+    if len(inv_freq.shape) != 1:
+        raise RequestError(f"inv_freq must be 1-D [R/2], got shape {tuple(inv_freq.shape)}")
+    return {"positions": positions, "inv_freq": inv_freq, "attention_factor": attention_factor}
 
 
 def _cos_sin_cases(rng):
@@ -298,7 +301,7 @@ def _cos_sin_cases(rng):
     tolerance={"float32": 2e-6, "float64": 1e-12}, cases=_cos_sin_cases,
     source="seed 3. Rotary Position Embeddings (RoPE), 'Frequency Definition'; HF LlamaRotaryEmbedding "
            "(float32 angles, cos/sin times attention_scaling); official gpt-oss RotaryEmbedding",
-    spec_file="spec/ops/rope.md")
+    spec_file="spec/ops/rope.md", check=check_rope_cos_sin_args)
 def rope_cos_sin(positions, inv_freq, attention_factor=1.0):
     """cos and sin of ``angle[t, i] = p_t * inv_freq[i]``, both multiplied by ``attention_factor``.
 
@@ -306,12 +309,8 @@ def rope_cos_sin(positions, inv_freq, attention_factor=1.0):
     cosine is then taken in float64 and rounded once, then multiplied by the factor in float32.
     With float64 ``inv_freq`` everything is float64. Returns two ``[T, R/2]`` arrays.
     """
-    pos = _positions(positions, "positions")
-    inv = np.asarray(inv_freq)
-    if inv.ndim != 1:
-        raise RequestError(f"inv_freq must be 1-D [R/2], got shape {inv.shape}")
-    dtype = compute_dtype(inv)
-    angle = pos.astype(dtype)[:, None] * inv.astype(dtype)[None, :]                 # [T,R/2]
+    dtype = compute_dtype(inv_freq)
+    angle = positions.astype(dtype)[:, None] * inv_freq.astype(dtype)[None, :]      # [T,R/2]
     factor = dtype.type(attention_factor)
     cos = np.cos(angle.astype(np.float64)).astype(dtype) * factor                   # [T,R/2]
     sin = np.sin(angle.astype(np.float64)).astype(dtype) * factor                   # [T,R/2]
@@ -339,22 +338,19 @@ def _apply_cases(rng):
                            "sin": (scale * np.sin(angle)).astype(dtype), "interleaved": interleaved})
 
 
-def check_apply_rope_args(x, cos, sin):
-    """Validate ``apply_rope`` arguments (shared by the reference and the backends).
-
-    Returns ``(x, cos, sin)`` as NumPy arrays: x [T,H,Dh], cos and sin both [T,R/2] with R <= Dh;
-    else RequestError naming what was found and what was expected.
-    """
-    x = np.asarray(x)
-    cos, sin = np.asarray(cos), np.asarray(sin)
-    if x.ndim != 3:
-        raise RequestError(f"apply_rope: x must be [T,H,Dh], got shape {x.shape}")
+def check_apply_rope_args(x, cos, sin, interleaved=False) -> dict:
+    """x real [T,H,Dh]; cos and sin real, both [T,R/2] with R <= Dh; interleaved as a bool."""
+    x = checks.real_array(x, "apply_rope: x")
+    cos, sin = checks.real_array(cos, "apply_rope: cos"), checks.real_array(sin, "apply_rope: sin")
+    if len(x.shape) != 3:
+        raise RequestError(f"apply_rope: x must be [T,H,Dh], got shape {tuple(x.shape)}")
     T, _, Dh = x.shape
-    if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[0] != T:
-        raise RequestError(f"apply_rope: cos and sin must both be [T={T}, R/2], got {cos.shape} and {sin.shape}")
+    if len(cos.shape) != 2 or tuple(cos.shape) != tuple(sin.shape) or cos.shape[0] != T:
+        raise RequestError(f"apply_rope: cos and sin must both be [T={T}, R/2], got {tuple(cos.shape)} and "
+                           f"{tuple(sin.shape)}")
     if 2 * cos.shape[1] > Dh:
         raise RequestError(f"apply_rope: cos/sin rotate R={2 * cos.shape[1]} dims but x has head_dim {Dh}")
-    return x, cos, sin
+    return {"x": x, "cos": cos, "sin": sin, "interleaved": bool(interleaved)}
 
 
 @op("apply_rope",
@@ -365,7 +361,7 @@ def check_apply_rope_args(x, cos, sin):
     source="seed 3. Rotary Position Embeddings (RoPE), 'Rotation Matrix' and 'Implementation' "
            "(rotate_half); RoFormer eq. 34; GPT-NeoX / GPT-J pairings",
     spec_file="spec/ops/rope.md",
-    flops=lambda x, cos, **_: 6 * x.shape[0] * x.shape[1] * cos.shape[-1])
+    flops=lambda x, cos, **_: 6 * x.shape[0] * x.shape[1] * cos.shape[-1], check=check_apply_rope_args)
 def apply_rope(x, cos, sin, interleaved=False):
     """Rotate each pair (a, b) of the first R = 2*cos.shape[-1] dims of every head by its angle:
 
@@ -376,7 +372,6 @@ def apply_rope(x, cos, sin, interleaved=False):
     Pair i uses frequency i in both conventions. Dims R..Dh pass through unchanged (partial
     rotary). Returns ``[T, H, Dh]`` in x's compute dtype.
     """
-    x, cos, sin = check_apply_rope_args(x, cos, sin)
     dtype = compute_dtype(x)
     half = cos.shape[1]
     x = x.astype(dtype, copy=False)

@@ -10,7 +10,27 @@ from __future__ import annotations
 import numpy as np
 
 from gptevo.errors import RequestError
+from gptevo.ops.checks import array, real_array, shape_of
 from gptevo.ops.spec import Case, compute_dtype, op
+
+
+def check_softmax_args(x, sinks=None) -> dict:
+    """x real with at least one axis; sinks None or an array that broadcasts to ``x.shape[:-1]``
+    (returned as given: a backend broadcasts it)."""
+    x = real_array(x, "softmax: x")
+    if len(x.shape) == 0:
+        raise RequestError("softmax: x must have at least one axis (the axis normalised over)")
+    if sinks is not None:
+        sinks = array(sinks)
+        rows = tuple(x.shape[:-1])
+        try:
+            fits = np.broadcast_shapes(shape_of(sinks), rows) == rows
+        except ValueError:
+            fits = False
+        if not fits:
+            raise RequestError(f"softmax: sinks of shape {shape_of(sinks)} do not broadcast to the rows "
+                               f"of x, shape {rows}")
+    return {"x": x, "sinks": sinks}
 
 
 def _cases(rng):
@@ -43,7 +63,7 @@ def _cases(rng):
     tolerance={"float32": 1e-6, "float64": 1e-14}, cases=_cases,
     source="seed 'Mathematical Foundations' (softmax attention); sinks: official gpt-oss torch sdpa",
     spec_file="spec/ops/attention.md",
-    flops=lambda x, **_: 4 * np.asarray(x).size)
+    flops=lambda x, **_: 4 * np.asarray(x).size, check=check_softmax_args)
 def softmax(x, sinks=None):
     """``p_j = exp(x_j - m) / (sum_k exp(x_k - m) + exp(sink - m))`` over the last axis.
 
@@ -54,18 +74,11 @@ def softmax(x, sinks=None):
     ``-inf`` has no finite maximum: without a sink its output is all zeros (defined here; no NaN,
     no warning); with a finite sink it is all zeros too (the sink takes all the mass).
     """
-    x = np.asarray(x)
     dtype = compute_dtype(x)
     x = x.astype(dtype, copy=False)
-    if x.ndim == 0:
-        raise RequestError("softmax: x must have at least one axis (the axis normalised over)")
     m = x.max(axis=-1, keepdims=True) if x.shape[-1] else np.full(x.shape[:-1] + (1,), -np.inf, dtype)
     if sinks is not None:
-        try:
-            sink = np.broadcast_to(np.asarray(sinks).astype(dtype), x.shape[:-1])[..., None]  # [...,1]
-        except ValueError:
-            raise RequestError(f"softmax: sinks of shape {np.shape(sinks)} do not broadcast to the rows "
-                               f"of x, shape {x.shape[:-1]}") from None
+        sink = np.broadcast_to(np.asarray(sinks).astype(dtype), x.shape[:-1])[..., None]   # [...,1]
         m = np.maximum(m, sink)                                                # [...,1]
     m = np.where(np.isfinite(m), m, 0).astype(dtype)  # all-masked rows: any finite shift will do
     e = np.exp(x - m)                                                          # [...,S]

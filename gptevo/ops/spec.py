@@ -6,9 +6,17 @@ reference implementation, which is the executable half of the written spec in ``
 
 Backends implement the same op names with the same keyword signatures; the conformance suite
 (``gptevo.conformance``) runs every case of every op on a backend and compares with the reference.
+
+Argument checks (the one validation layer, spec/backends.md): each backend op has one
+``check_<op>_args`` next to its reference, with the op's signature, returning the op's keyword
+arguments in canonical form (or raising RequestError). :func:`validated` pairs a check with an
+implementation; the public reference functions are such pairs, and the backend registry wraps
+every backend's ops the same way, so a call through a backend is checked exactly once and the
+implementations themselves (``OpSpec.kernel``, a backend's ``OPS``) contain no checks.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -46,6 +54,10 @@ class OpSpec:
     spec_file:   the file in ``spec/ops/`` that describes the op in words.
     flops/bytes: optional ``f(**kwargs) -> int`` cost models used by benchmarks.
     exact:       True when backends must match bit for bit (e.g. MXFP4 decode).
+    check:       ``check(**kwargs) -> dict``: the op's argument check (same signature as the op),
+                 returning canonical keyword arguments; None only for ops that are not backend ops.
+    kernel:      the reference's body on canonical arguments (no checks): the reference backend's op.
+                 ``reference`` is the public function, ``validated(check, kernel)``.
     """
 
     name: str
@@ -61,6 +73,8 @@ class OpSpec:
     exact: bool = False
     backend_op: bool = True
     notes: str = field(default="")
+    check: Callable[..., dict] | None = None
+    kernel: Callable[..., Any] | None = None
 
 
 REGISTRY: dict[str, OpSpec] = {}
@@ -75,22 +89,56 @@ def register(spec: OpSpec) -> OpSpec:
 
 
 def op(name: str, *, signature: str, dtypes: str, tolerance: Mapping[str, float], cases, source: str,
-       spec_file: str, flops=None, bytes=None, exact: bool = False, backend_op: bool = True, notes: str = ""):
-    """Decorator form of :func:`register` for a reference function."""
+       spec_file: str, flops=None, bytes=None, exact: bool = False, backend_op: bool = True, notes: str = "",
+       check: Callable[..., dict] | None = None):
+    """Decorator form of :func:`register` for a reference function.
+
+    With ``check``, the decorated function is the op's body on canonical arguments (``kernel``) and
+    the name it is bound to becomes the public, checked function ``validated(check, body)``.
+    A backend op must have a check.
+    """
 
     def wrap(fn):
-        register(OpSpec(name=name, reference=fn, signature=signature, dtypes=dtypes,
+        if backend_op and check is None:
+            raise RuntimeError(f"backend op {name!r} registered without an argument check")
+        public = fn if check is None else validated(check, fn)
+        register(OpSpec(name=name, reference=public, signature=signature, dtypes=dtypes,
                         tolerance=dict(tolerance), cases=cases, source=source, spec_file=spec_file,
-                        flops=flops, bytes=bytes, exact=exact, backend_op=backend_op, notes=notes))
-        return fn
+                        flops=flops, bytes=bytes, exact=exact, backend_op=backend_op, notes=notes,
+                        check=check, kernel=fn))
+        return public
 
     return wrap
 
 
-def compute_dtype(x) -> np.dtype:
-    """The compute dtype for an activation: float64 stays float64, everything else computes in float32."""
-    dt = np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
-    return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
+def validated(check: Callable[..., dict], impl: Callable[..., Any]) -> Callable[..., Any]:
+    """``impl`` behind ``check``: ``call(*args, **kwargs) = impl(**check(*args, **kwargs))``.
+
+    The result carries ``__wrapped__ = impl`` (so ``inspect.signature`` shows impl's signature) and
+    ``__gptevo_check__ = check``; :func:`unchecked` gives impl back, so wrapping never nests.
+    """
+    impl = unchecked(impl)
+
+    @functools.wraps(impl)
+    def call(*args, **kwargs):
+        return impl(**check(*args, **kwargs))
+
+    call.__gptevo_check__ = check
+    return call
+
+
+def unchecked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The implementation behind a :func:`validated` function; any other callable unchanged."""
+    return fn.__wrapped__ if getattr(fn, "__gptevo_check__", None) is not None else fn
+
+
+def compute_dtype(*arrays) -> np.dtype:
+    """The compute dtype of activations: float64 when any is float64, else float32 (f16/bf16/int
+    compute in float32)."""
+    for x in arrays:
+        if (x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype) == np.float64:
+            return np.dtype(np.float64)
+    return np.dtype(np.float32)
 
 
 def widen(w, dtype) -> np.ndarray:

@@ -63,10 +63,10 @@ def test_linear_keeps_leading_axes():
 
 
 class _Packed:
-    """Stands in for Mxfp4Weight: only decode(dtype) is used."""
+    """Stands in for Mxfp4Weight: its logical shape (read by the argument check) and decode(dtype)."""
 
     def __init__(self, w):
-        self.w, self.asked = w, []
+        self.w, self.asked, self.shape = w, [], w.shape
 
     def decode(self, dtype):
         self.asked.append(np.dtype(dtype))

@@ -7,9 +7,9 @@ signature and output dtype. The kind of the activations decides the kind of the 
 device activations stay on the device and the result is a device array (the model's calls with
 the backend's arrays, see :class:`~gptevo.backends.cupy._runtime.DeviceArrays`): no transfer and
 no synchronization. Weights (NumPy arrays, MXFP4) are uploaded once, in their stored dtype, and
-cached. Host arguments are checked by the reference's own validators, so errors read the same;
-device arguments are checked on their metadata (shapes, dtypes), never on their values; every
-shape an index in a kernel depends on is checked before a launch.
+cached. Arguments arrive checked by the registry (each op's check in gptevo/ops/, which reads a
+device array's shape and dtype only, never its values), so nothing here validates them; what
+remains are this backend's own limits (32-bit kernel indices, shared memory, the route kernel's k).
 
 Kernel ops (kernels/*.cu): embedding, learned_positions, rms_norm, layer_norm, silu, gelu, swiglu,
 clamped_swiglu, linear, gelu_mlp, swiglu_mlp (linear + activation kernels, device-resident in
@@ -28,23 +28,16 @@ and cached. Other weight objects with ``decode(dtype)`` are decoded on the host 
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import ml_dtypes
 import numpy as np
 
 from gptevo.errors import RequestError
-from gptevo.ops import activations as ref_act
-from gptevo.ops import dropout as ref_dropout
-from gptevo.ops import embedding as ref_embedding
-from gptevo.ops import masks as ref_masks
-from gptevo.ops import attention as ref_attention
-from gptevo.ops import moe as ref_moe
+from gptevo.ops import REGISTRY
 from gptevo.ops import mxfp4 as ref_mxfp4
-from gptevo.ops import norms as ref_norms
-from gptevo.ops import rope as ref_rope
 from gptevo.ops.spec import compute_dtype, widen
+
+# The reference's bodies (no checks), for the few ops and inputs this backend runs on the host.
+REFERENCE = {name: spec.kernel for name, spec in REGISTRY.items() if spec.backend_op}
 
 SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 WEIGHT_KIND = {np.dtype(np.float32): "f32w", np.dtype(np.float64): "f64w", np.dtype(np.float16): "f16w",
@@ -71,12 +64,6 @@ def _i32(value: int, what: str) -> np.int32:
     return np.int32(value)
 
 
-def _check_alpha_limit(alpha, limit) -> None:
-    for name, value in (("alpha", alpha), ("limit", limit)):
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-            raise RequestError(f"clamped_swiglu: {name} must be a finite real number; found {value!r}")
-
-
 def _reduce_block(n: int) -> int:
     """Threads for a one-block-per-row reduction over n elements (a multiple of 32)."""
     return 32 if n <= 64 else 128 if n <= 2048 else 256
@@ -88,8 +75,8 @@ class CudaOps:
     Inputs may be host (NumPy) or device arrays. The kind of the activations decides the kind of
     the result: NumPy in, NumPy out (each call uploads its activations and downloads its result,
     as the conformance suite calls it); device in, device out, with no host transfer and no
-    synchronization (as the model calls it with backend-owned arrays). Device inputs are checked
-    on their metadata only (shapes, dtypes): their values are never read on the host.
+    synchronization (as the model calls it with backend-owned arrays). The methods take canonical
+    arguments (checked by the registry); a device input's values are never read on the host.
     """
 
     def __init__(self, runtime=None, make_runtime=None):
@@ -150,12 +137,9 @@ class CudaOps:
     def _out(self, y, on_device: bool):
         return y if on_device else self.rt.to_host(y)
 
-    def _per_head(self, v, dt, n: int, what: str, op: str):
-        """A small per-head vector [n] (sinks, ALiBi slopes) on the device: a device array as given,
+    def _per_head(self, v, dt, what: str):
+        """A small per-head vector [H] (sinks, ALiBi slopes) on the device: a device array as given,
         or a host array's device copy cached by value (slopes arrive as a fresh array per call)."""
-        shape = tuple(getattr(v, "shape", np.shape(v)))
-        if shape != (n,):
-            raise RequestError(f"{op}: {what} must have shape ({n},) (one per query head), got {shape}")
         if self.rt.is_device(v):
             return self.rt.xp.ascontiguousarray(v.astype(dt))
         return self._const(widen(v, dt), dt, what)
@@ -209,17 +193,9 @@ class CudaOps:
     def _linear_dev(self, x_dev, weight, bias, dt: np.dtype, n_rows: int, n_in: int):
         """linear on a device [n_rows, n_in] input; returns device [n_rows, out]."""
         packed = self._dense_or_packed(weight, dt)
-        shape = packed[2]
-        if len(shape) != 2:
-            raise RequestError(f"linear weight must be 2-D (out, in); found shape {shape}")
-        if shape[1] != n_in:
-            raise RequestError(f"linear: x has {n_in} input features but the weight expects {shape[1]} "
-                               f"(weight shape {shape}, layout (out, in))")
-        n_out = shape[0]
+        n_out = packed[2][0]
         b = None
         if bias is not None:
-            if tuple(np.shape(bias)) != (n_out,) and tuple(getattr(bias, "shape", ())) != (n_out,):
-                raise RequestError(f"linear: bias has shape {tuple(np.shape(bias))}, expected ({n_out},)")
             b = self._vector(bias, dt) if not self.rt.is_device(bias) else self._act(bias, dt)
         if self._use_gemm(n_rows) and packed[0] != "mxfp4":       # prefill-sized: cuBLAS
             y = self.rt.xp.matmul(x_dev, self._widen_dev(packed[0], packed[1][0], dt).T)     # [rows, out]
@@ -295,27 +271,17 @@ class CudaOps:
                               np.int32(kind), dt.type(alpha), dt.type(limit))
         return a
 
-    @staticmethod
-    def _last_axis(x, op: str = "linear"):
-        if len(x.shape) < 1:
-            raise RequestError(f"{op}: x must have a last axis [..., in]; found a scalar")
-
     # ---- embeddings ---------------------------------------------------------------------------
     def embedding(self, table, ids):
-        return self._lookup(table, ids, "ids", "the embedding table", "embedding table")
+        return self._lookup(table, ids)
 
     def learned_positions(self, table, positions):
-        return self._lookup(table, positions, "positions",
-                            "the learned position table (max_position_embeddings)", "position table")
+        return self._lookup(table, positions)
 
-    def _lookup(self, table, ids, what, table_name, table_what):
-        table = ref_embedding._check_table(table, table_what)
+    def _lookup(self, table, ids):
+        """Host ids were range-checked by the registry; device ids only on their dtype (no transfer):
+        the kernel writes NaN for an id outside the table."""
         on_dev = self._dev(ids)
-        if on_dev:      # device ids: checked by their producer; the kernel writes NaN for any outside the table
-            if ids.dtype.kind not in "iu":
-                raise RequestError(f"{what} must be integers; found dtype {ids.dtype}")
-        else:
-            ids = ref_embedding._check_index(ids, table.shape[0], what, table_name)
         dt = compute_dtype(table)
         d = table.shape[1]
         kernels = {np.dtype(np.float32): ("embedding_u32", np.uint32, np.uint32),
@@ -343,14 +309,10 @@ class CudaOps:
     def sinusoidal_positions(self, positions, dim, base=10000.0, dtype="float32"):
         """Host positions: the reference. Device positions: the same table made on the device."""
         if not self._dev(positions):
-            return ref_embedding.sinusoidal_positions(positions, dim, base, dtype)
-        if len(positions.shape) != 1 or positions.dtype.kind not in "iuf":
-            raise RequestError(f"positions must be a 1-D integer array; found shape {tuple(positions.shape)} "
-                               f"dtype {positions.dtype}")
-        ref_embedding.sinusoidal_positions(np.zeros(0, np.int64), dim, base, dtype)      # checks the rest
+            return REFERENCE["sinusoidal_positions"](positions, dim, base, dtype)
         xp = self.rt.xp
-        j = np.arange(int(dim))
-        inv = self._const(float(base) ** (-(2 * (j // 2)) / int(dim)), np.float64, "sinusoidal")   # [dim]
+        j = np.arange(dim)
+        inv = self._const(base ** (-(2 * (j // 2)) / dim), np.float64, "sinusoidal")             # [dim]
         even = self._const(j % 2 == 0, np.bool_, "sinusoidal-even")                            # [dim]
         angles = positions.astype(np.float64)[:, None] * inv[None, :]                            # [T,dim]
         return xp.where(even[None, :], xp.sin(angles), xp.cos(angles)).astype(np.dtype(dtype))
@@ -370,20 +332,10 @@ class CudaOps:
                         self._act(pos, np.dtype(np.int64)), np.int64(slots), _i32(row, "G*Dh")))
 
     # ---- norms --------------------------------------------------------------------------------
-    def _norm_x(self, x):
-        if self._dev(x):
-            if len(x.shape) < 1 or x.shape[-1] == 0:
-                raise RequestError(f"x must have a non-empty last axis [..., D]; found shape {tuple(x.shape)}")
-            return x, True
-        return ref_norms._check_x(x), False
-
     def rms_norm(self, x, weight, eps, offset=0.0):
-        x, on_dev = self._norm_x(x)                                             # [...,D]
-        eps = ref_norms._check_eps(eps)
-        offset = ref_norms._check_real(offset, "offset")
+        on_dev = self._dev(x)
         d = x.shape[-1]
         dt = compute_dtype(x)
-        ref_norms._check_vector(weight, d, "weight", dt) if not self._dev(weight) else None
         rows = x.size // d
         y = self.rt.empty(x.shape, dt)
         if rows:
@@ -394,13 +346,9 @@ class CudaOps:
         return self._out(y, on_dev)
 
     def layer_norm(self, x, weight, bias, eps):
-        x, on_dev = self._norm_x(x)
+        on_dev = self._dev(x)
         d = x.shape[-1]
-        eps = ref_norms._check_eps(eps)
         dt = compute_dtype(x)
-        ref_norms._check_vector(weight, d, "weight", dt)
-        if bias is not None:
-            ref_norms._check_vector(bias, d, "bias", dt)
         rows = x.size // d
         y = self.rt.empty(x.shape, dt)
         if rows:
@@ -413,20 +361,14 @@ class CudaOps:
 
     # ---- activations --------------------------------------------------------------------------
     def _act_in(self, *xs):
-        """(inputs as given or as NumPy arrays, compute dtype, on device)."""
-        if self._dev(*xs):
-            return xs, compute_dtype(xs[0]) if len(xs) == 1 else \
-                np.dtype(np.float64) if all(x.dtype == np.float64 for x in xs) else np.dtype(np.float32), True
-        arrs = tuple(np.asarray(x) for x in xs)
-        return arrs, ref_act._compute_dtype(*arrs), False
+        """(the inputs, compute dtype, on device)."""
+        return xs, compute_dtype(*xs), self._dev(*xs)
 
     def silu(self, x):
         (x,), dt, on_dev = self._act_in(x)
         return self._unary("silu", x, dt, on_dev)
 
     def gelu(self, x, approximate="none"):
-        if approximate not in ("none", "tanh"):
-            raise RequestError(f'approximate must be "none" or "tanh"; found {approximate!r}')
         (x,), dt, on_dev = self._act_in(x)
         return self._unary("gelu", x, dt, on_dev, np.int32(approximate == "tanh"))
 
@@ -438,20 +380,13 @@ class CudaOps:
 
     def swiglu(self, gate, up):
         (g, u), dt, on_dev = self._act_in(gate, up)
-        if tuple(g.shape) != tuple(u.shape):
-            raise RequestError(f"swiglu: gate has shape {tuple(g.shape)} but up has shape {tuple(u.shape)}; "
-                               f"they must match")
         y = self.rt.empty(g.shape, dt)
         if g.size:
             self._elementwise("swiglu", dt, g.size, self._act(g, dt), self._act(u, dt), y, np.int64(g.size))
         return self._out(y, on_dev)
 
     def clamped_swiglu(self, h, alpha=1.702, limit=7.0):
-        _check_alpha_limit(alpha, limit)
         (h_arr,), dt, on_dev = self._act_in(h)
-        if len(h_arr.shape) < 1 or h_arr.shape[-1] % 2:
-            raise RequestError(f"clamped_swiglu: h must have an even last axis [..., 2I] (gate and linear "
-                               f"columns interleaved); found shape {tuple(h_arr.shape)}")
         inter = h_arr.shape[-1] // 2
         rows = h_arr.size // h_arr.shape[-1] if h_arr.shape[-1] else 0
         out_shape = (*h_arr.shape[:-1], inter)
@@ -462,12 +397,8 @@ class CudaOps:
 
     # ---- linear and MLPs ----------------------------------------------------------------------
     def _rows_in(self, x):
-        """(x as given or NumPy, compute dtype, on device) for the matrix ops."""
-        on_dev = self._dev(x)
-        if not on_dev:
-            x = np.asarray(x)
-        self._last_axis(x)
-        return x, compute_dtype(x), on_dev
+        """(x, compute dtype, on device) for the matrix ops."""
+        return x, compute_dtype(x), self._dev(x)
 
     def linear(self, x, weight, bias=None):
         x, dt, on_dev = self._rows_in(x)
@@ -477,8 +408,6 @@ class CudaOps:
         return self._out(y, on_dev).reshape(*x.shape[:-1], y.shape[1])         # [...,out]
 
     def gelu_mlp(self, x, w_fc, b_fc, w_proj, b_proj, approximate):
-        if approximate not in ("none", "tanh"):
-            raise RequestError(f'approximate must be "none" or "tanh"; found {approximate!r}')
         x, dt, on_dev = self._rows_in(x)
         n_in = x.shape[-1]
         rows = x.size // n_in if n_in else int(np.prod(x.shape[:-1]))
@@ -498,8 +427,6 @@ class CudaOps:
         x_dev = self._act(x.reshape(rows, n_in), dt)
         gate = self._linear_dev(x_dev, w_gate, b_gate, dt, rows, n_in)          # [T,I]
         up = self._linear_dev(x_dev, w_up, b_up, dt, rows, n_in)                # [T,I]
-        if gate.shape != up.shape:
-            raise RequestError(f"swiglu: gate has shape {gate.shape} but up has shape {up.shape}; they must match")
         a = self.rt.empty(gate.shape, dt)
         if gate.size:
             self._elementwise("swiglu", dt, gate.size, gate, up, a, np.int64(gate.size))
@@ -508,8 +435,7 @@ class CudaOps:
 
     # ---- MXFP4 --------------------------------------------------------------------------------
     def mxfp4_decode(self, blocks, scales, dtype="float32"):
-        ref_mxfp4._check_packed(blocks, scales, "mxfp4_decode")
-        dt = ref_mxfp4._decode_dtype(dtype)
+        dt = np.dtype(dtype)
         out_shape = (*scales.shape[:-1], scales.shape[-1] * ref_mxfp4.BLOCK_SIZE)
         n_groups = scales.size
         if n_groups == 0:
@@ -525,21 +451,13 @@ class CudaOps:
     # ---- softmax, RoPE, attention --------------------------------------------------------------
     def softmax(self, x, sinks=None):
         on_dev = self._dev(x)
-        if not on_dev:
-            x = np.asarray(x)
         dt = compute_dtype(x)
-        if len(x.shape) == 0:
-            raise RequestError("softmax: x must have at least one axis (the axis normalised over)")
         sink = None
         if sinks is not None:
             if self._dev(sinks):
                 sink = self.rt.xp.ascontiguousarray(self.rt.xp.broadcast_to(sinks.astype(dt), x.shape[:-1]))
             else:
-                try:
-                    sink = np.broadcast_to(np.asarray(sinks).astype(dt), x.shape[:-1])     # [...]
-                except ValueError:
-                    raise RequestError(f"softmax: sinks of shape {np.shape(sinks)} do not broadcast to the "
-                                       f"rows of x, shape {tuple(x.shape[:-1])}") from None
+                sink = np.broadcast_to(sinks.astype(dt), x.shape[:-1])                       # [...]
         s = x.shape[-1]
         rows = x.size // s if s else 0
         if rows == 0:
@@ -555,13 +473,8 @@ class CudaOps:
         """Host positions: the reference. Device positions: the same formula on the device (the
         angle is the float32 product, its cosine taken in float64 and rounded once)."""
         if not self._dev(positions):
-            return ref_rope.rope_cos_sin(positions, inv_freq, attention_factor)
-        if len(positions.shape) != 1 or positions.dtype.kind not in "iu":
-            raise RequestError(f"positions must be a 1-D integer array, got shape {tuple(positions.shape)} "
-                               f"dtype {positions.dtype}")
+            return REFERENCE["rope_cos_sin"](positions, inv_freq, attention_factor)
         inv = np.asarray(inv_freq)
-        if inv.ndim != 1:
-            raise RequestError(f"inv_freq must be 1-D [R/2], got shape {inv.shape}")
         dt = compute_dtype(inv)
         t, half = positions.shape[0], inv.shape[0]
         cos = self.rt.empty((t, half), dt)
@@ -574,17 +487,6 @@ class CudaOps:
 
     def apply_rope(self, x, cos, sin, interleaved=False):
         on_dev = self._dev(x, cos, sin)
-        if on_dev:
-            if len(x.shape) != 3:
-                raise RequestError(f"apply_rope: x must be [T,H,Dh], got shape {tuple(x.shape)}")
-            if len(cos.shape) != 2 or tuple(cos.shape) != tuple(sin.shape) or cos.shape[0] != x.shape[0]:
-                raise RequestError(f"apply_rope: cos and sin must both be [T={x.shape[0]}, R/2], got "
-                                   f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-            if 2 * cos.shape[1] > x.shape[2]:
-                raise RequestError(f"apply_rope: cos/sin rotate R={2 * cos.shape[1]} dims but x has head_dim "
-                                   f"{x.shape[2]}")
-        else:
-            x, cos, sin = ref_rope.check_apply_rope_args(x, cos, sin)
         dt = compute_dtype(x)
         t, h, dh = x.shape
         half = cos.shape[1]
@@ -595,50 +497,12 @@ class CudaOps:
         s_dev = self._act(sin, dt) if sin.size else self.rt.empty((1,), dt)
         self.rt.launch("rope", f"apply_rope_{SUFFIX[dt]}", (self._grid_1d(x.size, 256),), (256,),
                        (self._act(x, dt), c_dev, s_dev, y, _i32(t, "T"), _i32(h, "H"), _i32(dh, "Dh"),
-                        np.int32(half), np.int32(bool(interleaved))))
+                        np.int32(half), np.int32(interleaved)))
         return self._out(y, on_dev)
-
-    def _attention_args_dev(self, q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale):
-        """check_attention_args for device arrays, on metadata only."""
-        if len(q.shape) != 3 or len(k.shape) != 3 or len(v.shape) != 3:
-            raise RequestError(f"attention: q, k, v must be [T,H,Dh], [S,G,Dh], [S,G,Dv]; got shapes "
-                               f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-        t, h, dh = q.shape
-        s, g, _ = k.shape
-        if k.shape[2] != dh or tuple(v.shape[:2]) != (s, g):
-            raise RequestError(f"attention: shapes disagree: q {tuple(q.shape)} (T,H,Dh), k {tuple(k.shape)} "
-                               f"(S,G,Dh), v {tuple(v.shape)} (S,G,Dv)")
-        if g == 0 or h % g:
-            raise RequestError(f"attention: query heads H={h} must be a multiple of KV heads G={g}")
-        if q_positions is None and t > s:
-            raise RequestError(f"attention: {t} queries but only {s} keys; pass q_positions explicitly")
-        i64 = np.dtype(np.int64)
-        qpos = self._const(np.arange(s - t, s), i64, "qpos") if q_positions is None else q_positions
-        kpos = self._indices("arange", s) if k_positions is None else k_positions
-        for what, pos, n in (("q_positions", qpos, t), ("k_positions", kpos, s)):
-            if tuple(getattr(pos, "shape", np.shape(pos))) != (n,):
-                raise RequestError(f"attention: q_positions must have shape ({t},) and k_positions ({s},), got "
-                                   f"{tuple(np.shape(qpos))} and {tuple(np.shape(kpos))}")
-            if np.dtype(pos.dtype if hasattr(pos, "dtype") else np.asarray(pos).dtype).kind not in "iu":
-                raise RequestError(f"attention_mask: {what} must be a 1-D integer array, got shape "
-                                   f"{tuple(pos.shape)} dtype {pos.dtype}")
-        window = ref_attention.check_window(window)
-        scale = 1.0 / math.sqrt(dh) if scale is None else float(scale)
-        return qpos, kpos, window, scale
 
     def attention(self, q, k, v, q_positions=None, k_positions=None, window=None, sinks=None, scale=None,
                   alibi_slopes=None):
         on_dev = self._dev(q, k, v, q_positions, k_positions)
-        if on_dev:
-            qpos, kpos, window, scale = self._attention_args_dev(q, k, v, q_positions, k_positions, window,
-                                                                 sinks, alibi_slopes, scale)
-        else:
-            q, k, v, qpos, kpos, window, scale = ref_attention.check_attention_args(
-                q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale)
-            for what, pos in (("q_positions", qpos), ("k_positions", kpos)):
-                if pos.dtype.kind not in "iu":
-                    raise RequestError(f"attention_mask: {what} must be a 1-D integer array, got shape "
-                                       f"{pos.shape} dtype {pos.dtype}")
         t, h, dh = q.shape
         s, g, _ = k.shape
         dv = v.shape[2]
@@ -646,15 +510,13 @@ class CudaOps:
         if t * h == 0 or dv == 0:
             return self.rt.xp.zeros((t, h, dv), dt) if on_dev else np.zeros((t, h, dv), dt)
         out = self.rt.empty((t, h, dv), dt)
-        i64 = np.dtype(np.int64)
         q_dev = self._act(q, dt)
         k_dev = self._act(k, dt) if k.size else self.rt.empty((1,), dt)
         v_dev = self._act(v, dt) if v.size else self.rt.empty((1,), dt)
-        qpos_dev = self._act(qpos, i64)
-        kpos_dev = self._act(kpos, i64) if s else self.rt.empty((1,), np.int64)
-        sinks_dev = self._per_head(sinks, dt, h, "sinks", "attention") if sinks is not None else q_dev
-        slopes_dev = self._per_head(alibi_slopes, dt, h, "alibi_slopes", "attention") \
-            if alibi_slopes is not None else q_dev
+        qpos_dev = self._positions(q_positions, on_dev)
+        kpos_dev = self._positions(k_positions, on_dev) if s else self.rt.empty((1,), np.int64)
+        sinks_dev = self._per_head(sinks, dt, "sinks") if sinks is not None else q_dev
+        slopes_dev = self._per_head(alibi_slopes, dt, "alibi_slopes") if alibi_slopes is not None else q_dev
         args = (q_dev, k_dev, v_dev, qpos_dev, kpos_dev, sinks_dev, np.int32(sinks is not None), slopes_dev,
                 np.int32(alibi_slopes is not None))
         shapes = (_i32(t, "T"), _i32(h, "H"), _i32(g, "G"), _i32(s, "S"), _i32(dh, "Dh"), _i32(dv, "Dv"),
@@ -675,6 +537,14 @@ class CudaOps:
         self.rt.launch("attention", f"attention_{SUFFIX[dt]}", (self._grid(t * h),), (32 * nwarps,),
                        (*args, out, *shapes), shared_mem=shared)
         return self._out(out, on_dev)
+
+    def _positions(self, pos, on_dev: bool):
+        """Positions [n] as device int64: a device array as given; host positions uploaded, or, in a
+        device call (the registry's default positions), their device copy cached by value."""
+        i64 = np.dtype(np.int64)
+        if self.rt.is_device(pos) or not on_dev:
+            return self._act(pos, i64)
+        return self._const(pos, i64, "positions")
 
     def _decode_splits(self, t, g, s, group, dh, dv) -> int:
         """Key splits for the split-K decode kernel (0 = use the one-block-per-(query, head) kernel).
@@ -698,14 +568,8 @@ class CudaOps:
         """Host logits: the reference. Device logits: one warp per token picks the top k (ties to
         the lower expert id) and their weights, on the device."""
         if not self._dev(logits):
-            return ref_moe.moe_route(logits, k, order, renormalize)
-        if len(logits.shape) != 2:
-            raise RequestError(f"moe_route: logits must be [T, E], got shape {list(logits.shape)}")
+            return REFERENCE["moe_route"](logits, k, order, renormalize)
         t, n_experts = logits.shape
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_experts:
-            raise RequestError(f"moe_route: k must be an int in 1..{n_experts} (E), got {k!r}")
-        if order not in ref_moe.ROUTE_ORDERS:
-            raise RequestError(f"moe_route: order must be one of {ref_moe.ROUTE_ORDERS}, got {order!r}")
         if k > MAX_ROUTE_K:
             raise RequestError(f"moe_route: the device kernel picks at most {MAX_ROUTE_K} experts; k={k}")
         dt = compute_dtype(logits)
@@ -719,12 +583,6 @@ class CudaOps:
 
     def moe_combine(self, expert_out, weights):
         on_dev = self._dev(expert_out, weights)
-        if not on_dev:
-            expert_out = np.asarray(expert_out)
-            weights = np.asarray(weights)
-        if len(expert_out.shape) != 3 or tuple(weights.shape) != tuple(expert_out.shape[:2]):
-            raise RequestError(f"moe_combine: expected expert_out [T,k,D] and weights [T,k], got "
-                               f"{list(expert_out.shape)} and {list(weights.shape)}")
         dt = compute_dtype(expert_out)
         y = self._act(expert_out, dt) if on_dev else self.rt.upload(widen(expert_out, dt))
         return self._out(self._combine_dev(y, weights, dt, *expert_out.shape), on_dev)
@@ -741,41 +599,10 @@ class CudaOps:
                        (y_dev, w, out, np.int64(t), _i32(k, "k"), _i32(d, "D")))
         return out
 
-    def _moe_args_dev(self, x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation):
-        """check_moe_experts_args for device activations, on metadata only."""
-        if activation not in ref_moe.EXPERT_ACTIVATIONS:
-            raise RequestError(f"moe_experts: activation must be one of {ref_moe.EXPERT_ACTIVATIONS}, "
-                               f"got {activation!r}")
-        gu, dn = tuple(getattr(w_gate_up, "shape", ())), tuple(getattr(w_down, "shape", ()))
-        if len(x.shape) != 2 or len(gu) != 3 or len(dn) != 3:
-            raise RequestError(f"moe_experts: expected x [T,D], w_gate_up [E,2I,D], w_down [E,D,I]; got "
-                               f"{list(x.shape)}, {list(gu)}, {list(dn)}")
-        n_experts, two_i, d = gu
-        if x.shape[1] != d or dn != (n_experts, d, two_i // 2) or two_i % 2:
-            raise RequestError(f"moe_experts: shapes disagree: x {list(x.shape)}, w_gate_up {list(gu)}, "
-                               f"w_down {list(dn)}")
-        if len(ids.shape) != 2 or tuple(weights.shape) != tuple(ids.shape) or ids.shape[0] != x.shape[0]:
-            raise RequestError(f"moe_experts: weights and ids must both be [T={x.shape[0]}, k]; got "
-                               f"{list(weights.shape)} and {list(ids.shape)}")
-        if ids.dtype.kind not in "iu":
-            raise RequestError(f"moe_experts: ids must be integers, got dtype {ids.dtype}")
-        for what, b, shape in (("b_gate_up", b_gate_up, (n_experts, two_i)), ("b_down", b_down, (n_experts, d))):
-            if b is not None and tuple(getattr(b, "shape", np.shape(b))) != shape:
-                raise RequestError(f"moe_experts: {what} must have shape {list(shape)}, got "
-                                   f"{list(getattr(b, 'shape', np.shape(b)))}")
-        return n_experts, two_i, d
-
     def moe_experts(self, x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation="swiglu",
                     alpha=1.702, limit=7.0):
         on_dev = self._dev(x, weights, ids)
-        if on_dev:
-            n_experts, two_i, d = self._moe_args_dev(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down,
-                                                     activation)
-        else:
-            x, weights, ids, n_experts, two_i, d = ref_moe.check_moe_experts_args(
-                x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activation)
-        if activation == "clamped_swiglu":
-            _check_alpha_limit(alpha, limit)
+        n_experts, two_i, d = w_gate_up.shape
         dt = compute_dtype(x)
         t, k = ids.shape
         inter = two_i // 2
@@ -814,13 +641,8 @@ class CudaOps:
         return out
 
 
-# Host ops: the NumPy reference itself (see the module docstring).
-HOST_OPS = {
-    "alibi_slopes": ref_embedding.alibi_slopes,
-    "alibi_bias": ref_embedding.alibi_bias,
-    "attention_mask": ref_masks.attention_mask,
-    "dropout": ref_dropout.dropout,
-}
+# Host ops: the NumPy reference's bodies (see the module docstring; arguments checked by the registry).
+HOST_OPS = {name: REFERENCE[name] for name in ("alibi_slopes", "alibi_bias", "attention_mask", "dropout")}
 KERNEL_OPS = ("embedding", "learned_positions", "rms_norm", "layer_norm", "silu", "gelu", "swiglu",
               "clamped_swiglu", "linear", "gelu_mlp", "swiglu_mlp", "mxfp4_decode", "softmax", "apply_rope",
               "attention", "moe_experts", "moe_combine", "rope_cos_sin", "moe_route",

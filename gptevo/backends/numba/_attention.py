@@ -4,7 +4,8 @@ attention runs one (query position, head) pair per parallel item: scores over th
 KV head (GQA: head h reads KV head h // (H/G)), the ALiBi bias, the causal / sliding-window mask
 from positions, a softmax with the optional sink logit, then the weighted sum of values. Nothing of
 size [H,T,S] is materialised. Sums are float64; outputs are rounded once to the compute dtype.
-k and v stored as f16/bf16 (a KV cache) are widened to the compute dtype in the wrapper.
+k and v stored as f16/bf16 (a KV cache) are widened to the compute dtype in the wrapper. The
+wrappers receive arguments checked and defaulted by the registry (gptevo/ops/, spec/backends.md).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import numpy as np
 
 from gptevo.backends.numba._common import as_compute, compute_dtype, jit, prange
 from gptevo.backends.numba._attention_blocked import MIN_QUERIES, attention_blocked
-from gptevo.errors import RequestError
 
 
 @jit
@@ -61,9 +61,7 @@ def _softmax_rows(x, sinks, has_sink, out):
 
 def softmax(x, sinks=None):
     """Softmax over the last axis; ``sinks`` (one raw logit per row) broadcast to ``x.shape[:-1]``."""
-    arr = np.asarray(x)
-    if arr.ndim == 0:
-        raise RequestError("softmax: x must have at least one axis (the axis normalised over)")
+    arr = x
     dtype = compute_dtype(arr)
     x2 = as_compute(arr, dtype, "softmax: x").reshape(-1, arr.shape[-1]) if arr.shape[-1] else None
     if x2 is None:
@@ -71,11 +69,7 @@ def softmax(x, sinks=None):
     if sinks is None:
         s = np.zeros(1)
     else:
-        try:
-            s = np.broadcast_to(np.asarray(sinks).astype(dtype).astype(np.float64), arr.shape[:-1]).reshape(-1)
-        except ValueError:
-            raise RequestError(f"softmax: sinks of shape {np.shape(sinks)} do not broadcast to the rows "
-                               f"of x, shape {arr.shape[:-1]}") from None
+        s = np.broadcast_to(np.asarray(sinks).astype(dtype).astype(np.float64), arr.shape[:-1]).reshape(-1)
         s = np.ascontiguousarray(s)
     out = np.empty(x2.shape, dtype)
     _softmax_rows(x2, s, sinks is not None, out)
@@ -141,15 +135,9 @@ def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=No
     Same contract as the reference (``gptevo.ops.attention.attention``): [T,H,Dh], [S,G,Dh], [S,G,Dv]
     -> [T,H,Dv]; positions default to the last T of 0..S-1; ``scale`` defaults to 1/sqrt(Dh).
     """
-    from gptevo.ops.attention import check_attention_args
-
-    q, k, v, qpos, kpos, window, scale = check_attention_args(
-        q, k, v, q_positions, k_positions, window, sinks, alibi_slopes, scale)
+    qpos, kpos = q_positions, k_positions          # checked and defaulted by the registry
     n_q, n_heads, head_dim = q.shape
     n_k, n_kv, _ = k.shape
-    for name, pos in (("q_positions", qpos), ("k_positions", kpos)):
-        if pos.dtype.kind not in "iu":
-            raise RequestError(f"attention: {name} must be integers, got dtype {pos.dtype}")
     per_head = {}
     for name, value in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
         per_head[name] = np.zeros(1) if value is None else np.asarray(value).astype(np.float64)
@@ -193,12 +181,7 @@ def _cos_sin_kernel(positions, inv_freq, factor, cos, sin):
 
 def rope_cos_sin(positions, inv_freq, attention_factor=1.0):
     """cos and sin of ``angle[t, i] = p_t * inv_freq[i]`` times ``attention_factor``: two [T, R/2]."""
-    pos = np.asarray(positions)
-    if pos.ndim != 1 or pos.dtype.kind not in "iu":
-        raise RequestError(f"positions must be a 1-D integer array, got shape {pos.shape} dtype {pos.dtype}")
-    inv = np.asarray(inv_freq)
-    if inv.ndim != 1:
-        raise RequestError(f"inv_freq must be 1-D [R/2], got shape {inv.shape}")
+    pos, inv = positions, inv_freq
     dtype = compute_dtype(inv)
     cos = np.empty((pos.shape[0], inv.shape[0]), dtype)
     sin = np.empty((pos.shape[0], inv.shape[0]), dtype)
@@ -227,11 +210,8 @@ def _rope_kernel(x, cos, sin, interleaved, out):
 
 def apply_rope(x, cos, sin, interleaved=False):
     """Rotate the first R dims of every head: half-split (NeoX/HF) or interleaved (GPT-J) pairs."""
-    from gptevo.ops.rope import check_apply_rope_args
-
-    x, cos, sin = check_apply_rope_args(x, cos, sin)
     dtype = compute_dtype(x)
     out = np.empty(x.shape, dtype)
     _rope_kernel(as_compute(x, dtype, "apply_rope: x"), as_compute(cos, dtype, "cos"), as_compute(sin, dtype, "sin"),
-                 bool(interleaved), out)
+                 interleaved, out)
     return out

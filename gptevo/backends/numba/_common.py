@@ -1,4 +1,8 @@
-"""Shared pieces of the numba backend: the jit decorators, a dot product, and input checks.
+"""Shared pieces of the numba backend: the jit decorators, a dot product, operand conversion.
+
+The ops here receive canonical arguments: the registry ran the op's check from ``gptevo/ops/``
+before the call (spec/backends.md), so nothing in this backend validates arguments; conversions
+assert the invariants they rely on.
 
 The general kernels here are compiled with ``cache=True`` (cached on disk; numba falls back to its
 user cache directory where the package directory is read-only) and ``fastmath=False`` (IEEE
@@ -12,8 +16,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import prange  # noqa: F401  (re-exported for the kernel modules)
-
-from gptevo.errors import RequestError
 
 jit = numba.njit(cache=True, fastmath=False, error_model="numpy")
 pjit = numba.njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
@@ -55,33 +57,20 @@ def compute_dtype(*arrays) -> np.dtype:
 
 
 def as_compute(x, dtype, what: str) -> np.ndarray:
-    """``x`` as a C-contiguous array of ``dtype`` (f16/bf16/int inputs widen exactly)."""
+    """``x`` (a checked real array; ``what`` names it) as a C-contiguous array of ``dtype``
+    (f16/bf16/int inputs widen exactly)."""
     arr = np.asarray(x)
-    if arr.dtype.kind not in "iuf" and arr.dtype.name != "bfloat16":
-        raise RequestError(f"{what} must be a real-valued array; found dtype {arr.dtype}")
+    assert arr.dtype.kind in "iuf" or arr.dtype.name == "bfloat16", f"{what}: unchecked dtype {arr.dtype}"
     return np.ascontiguousarray(arr.astype(dtype, copy=False))
 
 
-def small_vector(v, dtype, shape, what: str) -> np.ndarray:
-    """A small parameter (norm weight, bias, sinks) widened to ``dtype``; RequestError on a bad shape.
+def small_vector(v, dtype) -> np.ndarray:
+    """A small parameter (norm weight, bias, sinks) widened to ``dtype``, C-contiguous.
 
     Small vectors are widened here, outside the kernels: they are read once per call and are a
     tiny fraction of the bytes (the big weights stay packed; see _weights.py).
     """
-    arr = np.asarray(v)
-    if arr.shape != tuple(shape):
-        raise RequestError(f"{what} must have shape {tuple(shape)}; found {arr.shape}")
-    return np.ascontiguousarray(arr.astype(dtype, copy=False))
-
-
-def real(value, what: str) -> float:
-    """A finite Python float, or RequestError."""
-    import math
-    from numbers import Real
-
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or not math.isfinite(value):
-        raise RequestError(f"{what} must be a finite real number; found {value!r}")
-    return float(value)
+    return np.ascontiguousarray(np.asarray(v).astype(dtype, copy=False))
 
 
 # Multiply-adds per thread below which a parallel region costs more than it saves (thread wake-up

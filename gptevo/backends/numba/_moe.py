@@ -10,6 +10,7 @@ Decode (T = 1) with MXFP4 expert weights in float32 on a CPU with AVX-512 takes
 parallel call, the activation, down for all k in one call, the weighted sum. Its mode is "exact"
 (default) or "int8" (a weight prepared with ``_mxfp4_gemv.prepare(w, mode="int8")``, or
 ``_mxfp4_gemv.set_default_mode("int8")``); see spec/backends.md, "MXFP4 decode kernels".
+The wrappers receive arguments checked by the registry (gptevo/ops/moe.py's checks).
 """
 from __future__ import annotations
 
@@ -17,14 +18,10 @@ import math
 
 import numpy as np
 
-from gptevo.backends.numba._common import as_compute, chunk_rows, compute_dtype, jit, real, run_parallel
+from gptevo.backends.numba._common import as_compute, chunk_rows, compute_dtype, jit, run_parallel
 from gptevo.backends.numba._elementwise import clamped_swiglu1, silu1
 from gptevo.backends.numba._linear import grouped_gemm
 from gptevo.backends.numba._weights import is_mxfp4, operand
-from gptevo.errors import RequestError
-
-ROUTE_ORDERS = ("softmax_topk", "topk_softmax")
-EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
 
 
 @jit
@@ -68,14 +65,7 @@ def _route_kernel(z, k, softmax_first, renormalize, weights, ids):
 
 def moe_route(logits, k, order="softmax_topk", renormalize=False):
     """(weights [T,k] compute dtype, ids [T,k] int64), rows sorted by descending weight."""
-    arr = np.asarray(logits)
-    if arr.ndim != 2:
-        raise RequestError(f"moe_route: logits must be [T, E], got shape {list(arr.shape)}")
-    n_e = arr.shape[1]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_e:
-        raise RequestError(f"moe_route: k must be an int in 1..{n_e} (E), got {k!r}")
-    if order not in ROUTE_ORDERS:
-        raise RequestError(f"moe_route: order must be one of {ROUTE_ORDERS}, got {order!r}")
+    arr = logits
     dtype = compute_dtype(arr)
     z = as_compute(arr, dtype, "moe_route: logits")
     weights = np.empty((arr.shape[0], int(k)), dtype)
@@ -97,11 +87,7 @@ def _combine_kernel(y, pair_of, weights, out):
 
 def moe_combine(expert_out, weights):
     """out[t] = sum_j weights[t, j] * expert_out[t, j], summed over the k slots in order."""
-    y = np.asarray(expert_out)
-    w = np.asarray(weights)
-    if y.ndim != 3 or w.shape != y.shape[:2]:
-        raise RequestError(f"moe_combine: expected expert_out [T,k,D] and weights [T,k], got "
-                           f"{list(y.shape)} and {list(w.shape)}")
+    y, w = expert_out, weights
     dtype = compute_dtype(y)
     n_t, k, d = y.shape
     out = np.zeros((n_t, d), dtype)
@@ -127,25 +113,11 @@ def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activatio
                 alpha=1.702, limit=7.0):
     """The routed expert MLPs and their weighted sum (b_down added before weighting, as gpt-oss)."""
     act = activation
-    if act not in EXPERT_ACTIVATIONS:
-        raise RequestError(f"moe_experts: activation must be one of {EXPERT_ACTIVATIONS}, got {act!r}")
-    alpha, limit = real(alpha, "moe_experts: alpha"), real(limit, "moe_experts: limit")
-    x_arr, ids_arr, w_arr = np.asarray(x), np.asarray(ids), np.asarray(weights)
-    if x_arr.ndim != 2 or ids_arr.ndim != 2 or ids_arr.shape[0] != x_arr.shape[0] or w_arr.shape != ids_arr.shape:
-        raise RequestError(f"moe_experts: expected x [T,D], weights [T,k], ids [T,k]; got "
-                           f"{list(x_arr.shape)}, {list(w_arr.shape)}, {list(ids_arr.shape)}")
-    if ids_arr.dtype.kind not in "iu":
-        raise RequestError(f"moe_experts: ids must be integers, got dtype {ids_arr.dtype}")
+    x_arr, ids_arr, w_arr = x, ids, weights          # checked by the registry (ids in 0..E-1)
     dtype = compute_dtype(x_arr)
     gu, gu_loader, gu_dot, gu_shape = operand(w_gate_up, dtype, 3, "moe_experts: w_gate_up")
     dn, dn_loader, dn_dot, dn_shape = operand(w_down, dtype, 3, "moe_experts: w_down")
     n_e, two_i, d = gu_shape
-    if d != x_arr.shape[1] or two_i % 2 or tuple(dn_shape) != (n_e, d, two_i // 2):
-        raise RequestError(f"moe_experts: expected w_gate_up [E,2I,D] and w_down [E,D,I] with D={x_arr.shape[1]}; "
-                           f"got {list(gu_shape)} and {list(dn_shape)}")
-    if ids_arr.size and (ids_arr.min() < 0 or ids_arr.max() >= n_e):
-        raise RequestError(f"moe_experts: expert ids must be in 0..{n_e - 1}, got "
-                           f"{int(ids_arr.min())}..{int(ids_arr.max())}")
     from gptevo.backends.numba._linear import bias_operand
 
     b_gu, has_b_gu = bias_operand(b_gate_up, n_e, two_i, dtype, "moe_experts: b_gate_up")

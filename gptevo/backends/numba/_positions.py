@@ -6,23 +6,17 @@ alibi_slopes is H numbers computed in plain Python at model load (there is nothi
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 
 import numpy as np
 
 from gptevo.backends.numba._common import jit
 from gptevo.backends.numba._elementwise import gelu, swiglu
 from gptevo.backends.numba._linear import embedding, linear
-from gptevo.errors import RequestError
 
 
 def learned_positions(table, positions):
-    """Row ``positions[t]`` of a learned position table [P, D] (GPT-2 wpe); positions >= P raise."""
-    try:
-        return embedding(table=table, ids=positions)
-    except RequestError as exc:
-        raise RequestError(str(exc).replace("ids", "positions").replace(
-            "the embedding table", "the learned position table (max_position_embeddings)")) from None
+    """Row ``positions[t]`` of a learned position table [P, D] (GPT-2 wpe)."""
+    return embedding(table=table, ids=positions)
 
 
 @jit
@@ -37,29 +31,14 @@ def _sinusoidal_kernel(positions, base, out):
 
 def sinusoidal_positions(positions, dim, base=10000.0, dtype="float32"):
     """The fixed sin/cos table of Vaswani et al. (interleaved), float64 angles, rounded once: [T, dim]."""
-    pos = np.asarray(positions)
-    if pos.ndim != 1 or pos.dtype.kind not in "iuf":
-        raise RequestError(f"positions must be 1-D integers or reals; found shape {pos.shape} dtype {pos.dtype}")
-    if isinstance(dim, bool) or not isinstance(dim, Integral) or dim < 1:
-        raise RequestError(f"dim must be a positive integer; found {dim!r}")
-    if isinstance(base, bool) or not isinstance(base, Real) or not math.isfinite(base) or base <= 0:
-        raise RequestError(f"base must be a positive finite number; found {base!r}")
-    try:
-        out_dtype = np.dtype(dtype)
-    except TypeError:
-        out_dtype = None
-    if out_dtype is None or out_dtype.name not in ("float32", "float64"):
-        raise RequestError(f'dtype must be "float32" or "float64"; found {dtype!r}')
-    out = np.empty((pos.shape[0], int(dim)), out_dtype)
-    _sinusoidal_kernel(pos.astype(np.float64), float(base), out)
+    out = np.empty((positions.shape[0], dim), dtype)
+    _sinusoidal_kernel(positions.astype(np.float64), base, out)
     return out
 
 
 def alibi_slopes(num_heads):
     """ALiBi slopes [H] float64: 2**(-8(h+1)/n) for n a power of two, else Press et al.'s interleaving."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, Integral) or num_heads < 1:
-        raise RequestError(f"num_heads must be a positive integer; found {num_heads!r}")
-    n = int(num_heads)
+    n = num_heads
     m = 1 << (n.bit_length() - 1)                        # largest power of two <= n
     slopes = [2.0 ** (-8.0 * (h + 1) / m) for h in range(m)]
     slopes += [2.0 ** (-8.0 * (2 * h + 1) / (2 * m)) for h in range(n - m)]
@@ -76,18 +55,9 @@ def _alibi_kernel(slopes, q, k, out):
 
 def alibi_bias(slopes, q_positions, k_positions):
     """``bias[h, t, s] = slopes[h] * (k_s - q_t)``, product in float64, rounded to the slopes' compute dtype."""
-    sl = np.asarray(slopes)
-    if sl.ndim != 1 or sl.dtype.kind not in "iuf":
-        raise RequestError(f"slopes must be a 1-D real array [H]; found shape {sl.shape}, dtype {sl.dtype}")
-    pos = []
-    for name, p in (("q_positions", q_positions), ("k_positions", k_positions)):
-        p = np.asarray(p)
-        if p.ndim != 1 or p.dtype.kind not in "iuf":
-            raise RequestError(f"{name} must be 1-D [T] integers or reals; found shape {p.shape} dtype {p.dtype}")
-        pos.append(p.astype(np.float64))
-    out = np.empty((sl.shape[0], pos[0].shape[0], pos[1].shape[0]),
-                   np.float64 if sl.dtype == np.float64 else np.float32)
-    _alibi_kernel(sl.astype(np.float64), pos[0], pos[1], out)
+    out = np.empty((slopes.shape[0], q_positions.shape[0], k_positions.shape[0]),
+                   np.float64 if slopes.dtype == np.float64 else np.float32)
+    _alibi_kernel(slopes.astype(np.float64), q_positions.astype(np.float64), k_positions.astype(np.float64), out)
     return out
 
 
@@ -100,18 +70,8 @@ def _mask_kernel(q, k, window, out):
 
 def attention_mask(q_positions, k_positions, window=None):
     """``visible[t, s] = 0 <= k_s <= q_t and (window is None or k_s > q_t - window)``: bool [T, S]."""
-    from gptevo.ops.masks import check_window
-
-    pos = []
-    for name, p in (("q_positions", q_positions), ("k_positions", k_positions)):
-        p = np.asarray(p)
-        if p.ndim != 1 or p.dtype.kind not in "iu":
-            raise RequestError(f"attention_mask: {name} must be a 1-D integer array, got shape {p.shape} "
-                               f"dtype {p.dtype}")
-        pos.append(p.astype(np.int64))
-    window = check_window(window)
-    out = np.empty((pos[0].shape[0], pos[1].shape[0]), np.bool_)
-    _mask_kernel(pos[0], pos[1], 0 if window is None else window, out)
+    out = np.empty((q_positions.shape[0], k_positions.shape[0]), np.bool_)
+    _mask_kernel(q_positions.astype(np.int64), k_positions.astype(np.int64), 0 if window is None else window, out)
     return out
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import numpy as np
 
 from gptevo.backends.numba._common import dot, jit
-from gptevo.errors import RequestError
 from gptevo.ops.mxfp4 import FP4_VALUES, SCALE_BIAS, SCALE_NAN
 
 
@@ -195,18 +194,17 @@ def operand(w, dtype, ndim: int, what: str):
     The kernels always see a leading expert axis, so a 2-D weight gets ``E = 1``.
     """
     dtype = np.dtype(dtype)
+    assert len(w.shape) == ndim, f"{what}: unchecked shape {tuple(w.shape)}"
     if is_mxfp4(w):
         blocks, scales = np.asarray(w.blocks), np.asarray(w.scales)
         shape = tuple(w.shape)
-        if len(shape) != ndim:
-            raise RequestError(f"{what} must be {ndim}-D; found an MXFP4 weight of shape {list(shape)}")
         if ndim == 2:
             blocks, scales = blocks[None], scales[None]
         wt = (np.ascontiguousarray(blocks), np.ascontiguousarray(scales), VALUE_TABLE[dtype], SCALE_TABLE[dtype])
         return wt, row_mxfp4, dot_mxfp4, shape
+    if not isinstance(w, np.ndarray) and hasattr(w, "decode"):   # other packed weights (int8 blocks)
+        w = w.decode(dtype)                                         # decoded once per call
     arr = np.asarray(w)
-    if arr.ndim != ndim:
-        raise RequestError(f"{what} must be {ndim}-D; found shape {arr.shape}")
     shape = arr.shape
     if ndim == 2:
         arr = arr[None]
@@ -217,8 +215,6 @@ def operand(w, dtype, ndim: int, what: str):
         return (arr.view(np.uint16),), row_f16, dot_via_f16, shape
     if arr.dtype == dtype:
         return (arr,), row_same, dot_same, shape
-    if arr.dtype.kind not in "iuf":
-        raise RequestError(f"{what} has dtype {arr.dtype}; expected float32, float64, float16, bfloat16 or MXFP4")
     if arr.dtype not in (np.float32, np.float64):
         arr = arr.astype(dtype)      # integer weights (tests only): widen once
         return (arr,), row_same, dot_same, shape
