@@ -381,6 +381,8 @@ def build_parser(env) -> argparse.ArgumentParser:
     add_bench(sub, env)
     from gptevo.serve.command import add_subparser as add_serve
     add_serve(sub, env)
+    from gptevo.evolve.cli import add_subparser as add_evolve
+    add_evolve(sub, env)
     return p
 
 
