@@ -34,6 +34,12 @@ def matmul_parameters(config: ModelConfig) -> int:
     return total
 
 
+def mlp_matmul_active(config: ModelConfig) -> int:
+    """MLP and router matrix weights one token multiplies (k of E experts per layer)."""
+    return sum(g.numel * g.active_copies for g in tensor_groups(config)
+               if len(g.shape) == 2 and g.group in ("mlp", "router"))
+
+
 def attention_flops(config: ModelConfig, context: int) -> int:
     """FLOPs of the score and value products of one token decoded after ``context`` cached positions:
     4·H·Dh per visible key per layer (q·k and p·v), keys = context + 1 (itself), at most W on
@@ -62,6 +68,7 @@ def step_metrics(config: ModelConfig, context: int) -> dict[str, int]:
         "params_total": pc["total"],
         "params_active": active_parameters(config),
         "params_mlp": pc["mlp"] + pc["router"],
+        "params_mlp_active": mlp_matmul_active(config),
         "params_norms": pc["norms"],
         "kv_bytes_per_token": kv_cache_bytes(config, 1, KV_DTYPE, capped=False),
         "kv_bytes_at_context": kv_cache_bytes(config, context, KV_DTYPE, capped=True),
