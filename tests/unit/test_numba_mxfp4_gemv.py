@@ -88,7 +88,8 @@ def test_exact_every_scale_byte(variant):
 
 @pytest.mark.parametrize("variant", INT8)
 @pytest.mark.parametrize("n,g,u,shared", [(9, 4, 1, True), (31, 5, 2, True), (40, 90, 4, True),
-                                          (17, 11, 3, False), (8, 7, 4, False)])
+                                          (17, 11, 3, False), (8, 7, 4, False), (12, 16, 2, False),
+                                          (10, 19, 3, False), (6, 32, 1, True)])
 def test_int8_within_bound(variant, n, g, u, shared):
     rng = np.random.default_rng(n + 100 * g)
     e = 4

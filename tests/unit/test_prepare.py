@@ -95,6 +95,10 @@ def test_numba_int8_mode_marks_experts_for_int8_activations(reference):
     m = gptevo.load(BUNDLED, backend="numba", weights="int8")
     experts = m.weights.layers[0].experts_gate_up
     assert getattr(experts, "mode", None) == "int8"
+    from gptevo.backends.numba._gemv_q8 import Q8Int8Weight
+
+    dense = [w for layer in m.weights.layers for w in (layer.wqkv, layer.wo) if isinstance(w, Int8Weight)]
+    assert dense and all(isinstance(w, Q8Int8Weight) for w in dense)
     cache = m.new_cache(16)
     got = np.concatenate([m.forward(IDS[:5], cache)] + [m.forward([t], cache) for t in IDS[5:]])
     want = reference.logits(IDS)

@@ -43,15 +43,23 @@ except Exception as exc:  # numba missing or broken: the registry reports probe(
 
 def prepare_weights(weights, config, mode="stored"):
     """Load-time preparation for this backend: q|k|v and gate|up fused into one matrix each (one
-    streaming call instead of three), MXFP4 experts marked for the int8-activation decode kernel
-    when ``mode == "int8"`` (the opt-in 8-bit mode), and the memory-mapped weights copied into
+    streaming call instead of three), MXFP4 experts and the int8 dense weights marked for the
+    int8-activation decode kernels when ``mode == "int8"`` (the opt-in 8-bit mode), and the memory-mapped weights copied into
     private memory (huge pages: no page faults and fewer TLB misses per decoded token; the mapped
     ranges are dropped as they are copied, see gptevo.prepare.make_private)."""
+    from dataclasses import fields
+
     from gptevo.prepare import fuse_projections, make_private
 
     fuse_projections(weights)
     if mode == "int8":
+        from gptevo.backends.numba._gemv_q8 import mark
         from gptevo.backends.numba._mxfp4_gemv import prepare
+
+        weights.lm_head = mark(weights.lm_head)
+        for layer in weights.layers:
+            for f in fields(layer):
+                setattr(layer, f.name, mark(getattr(layer, f.name)))
 
         for layer in weights.layers:
             for name in ("experts_gate_up", "experts_down"):

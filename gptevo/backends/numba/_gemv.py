@@ -23,6 +23,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
+from gptevo.backends.numba import _gemv_q8
 from gptevo.backends.numba._simd import (f32x16_bcast, f32x16_zero, has_avx512, hsum, load_f32x16, load_i8x16_f32,
                                          vadd, vfma, vmul)
 
@@ -226,6 +227,8 @@ def gemv(x, weight, bias, threads: int):
         if dt != np.float32 or values.ndim != 2 or not values.flags.c_contiguous:
             return None
         n = values.shape[0]
+        if isinstance(weight, _gemv_q8.Q8Int8Weight) and _gemv_q8.supported(values.shape[1]):
+            return _gemv_q8.gemv_int8_q8(weight, x, _bias(bias, dt), rows_per_chunk(n, threads))
         out = np.empty(n, dt)                                                   # [N]
         kernel = gemv_int8_avx512 if _AVX512 else gemv_int8
         kernel(values, weight.scales, x, _bias(bias, dt), out, rows_per_chunk(n, threads))

@@ -264,6 +264,7 @@ vmul = _binop("fmul")
 iadd = _binop("add")         # i32x16 lane-wise
 isub = _binop("sub")
 iand = _binop("and_")
+ixor = _binop("xor")
 
 
 @intrinsic
@@ -433,3 +434,4 @@ def pmaddubs_madd(typingctx, acc, a, b):
         d = builder.call(f2, [w, ir.Constant(v32i16, [1] * 32)])
         return builder.add(args[0], d)
     return sig, codegen
+
