@@ -4,9 +4,9 @@
                               [--max-tokens 64] [--prompt TEXT] [--time-limit 120] [--json]
     python tools/load_test.py --start "--backend numba" ...   # starts gptevo serve itself (port 0)
 
-After ``--warmup`` unmeasured requests, for each client count N, N clients each send ``--requests`` streaming ``/v1/completions`` requests one
-after the other (greedy, ``max_tokens`` tokens, ``stream_options.include_usage``), all N at once. Per
-level it prints:
+After ``--warmup`` unmeasured requests, for each client count N, N clients each send ``--requests``
+streaming ``/v1/completions`` requests one after the other (greedy, ``max_tokens`` tokens,
+``stream_options.include_usage``), all N at once. Per level it prints:
 
 - aggregate tok/s: completion tokens of every finished request (from ``usage``) / the level's wall time;
 - TTFT p50/p99: request sent -> first text chunk;
