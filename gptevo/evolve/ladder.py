@@ -137,7 +137,7 @@ def _extra(cfg: ModelConfig, **changes) -> tuple:
 def _yarn(s: Scale) -> tuple:
     return ModelConfig.freeze({"rope_type": "yarn", "factor": s.yarn_factor, "beta_fast": 32.0,
                                "beta_slow": 1.0, "original_max_position_embeddings": s.context,
-                               "truncate": False})
+                               "max_position_embeddings": int(s.context * s.yarn_factor), "truncate": False})
 
 
 def _main_line(s: Scale):
