@@ -130,7 +130,7 @@ class KVCache:
                 raise RequestError(f"KV cache overflow: {start} cached + {T} new tokens = {start + T} positions, "
                                    f"but the cache holds max_tokens={self.max_tokens}")
             return pos
-        if pos[0] != start or np.any(np.diff(pos) != 1):
+        if pos[0] != start or (T > 1 and np.any(np.diff(pos) != 1)):
             raise RequestError(f"layer {layer}: new positions must continue the cache at {start} "
                                f"one by one, got {pos[0]}..{pos[-1]}")
         if start + T > self.max_tokens:

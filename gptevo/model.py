@@ -140,6 +140,7 @@ class Model:
         self.unused_tensors = sorted(unused_tensors)
         self.dtype = compute_dtype(dtype)
         self.checkpoint = checkpoint            # keeps memory-mapped files open
+        self._rope_by_length: dict = {}         # batched steps: RoPE frequencies by sequence length
         if config.position == "rope":
             # fail at load time, not at the first call, on a bad rope config
             self._rope_frequencies(config.max_position_embeddings)
@@ -425,8 +426,13 @@ class Model:
         ending at its own position uses (dynamic and longrope scaling depend on that length)."""
         groups: dict[tuple, list[int]] = {}
         freqs = {}
+        memo = self._rope_by_length                                 # seq_len -> (inv_freq, factor)
+        if len(memo) > 4096:
+            memo.clear()
         for b, p in enumerate(pos.tolist()):
-            inv_freq, factor = self._rope_frequencies(p + 1)
+            if p + 1 not in memo:
+                memo[p + 1] = self._rope_frequencies(p + 1)
+            inv_freq, factor = memo[p + 1]
             key = (inv_freq.tobytes(), float(factor))
             groups.setdefault(key, []).append(b)
             freqs[key] = (inv_freq, factor)

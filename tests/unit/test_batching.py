@@ -202,16 +202,31 @@ def test_finish_reasons_and_one_event_per_request_per_step(tiny):
     assert [len(s) for s in events] == [2, 2, 2, 2, 1, 1]
 
 
-def test_context_full_ends_with_length_and_growing_caches(tiny, monkeypatch):
-    monkeypatch.setattr(batching, "INITIAL_ROOM", 2)      # caches start tiny and grow (kept contents)
-    model = tiny("gpt2_f32")                               # learned positions: context 32
-    prompt = T.IDS[:10]
+@pytest.mark.parametrize("name", ["gpt2_f32", "llama_f32", "gptoss_mxfp4"])
+def test_context_full_ends_with_length_and_growing_caches(tiny, monkeypatch, name):
+    monkeypatch.setattr(batching, "INITIAL_ROOM", 1)      # caches start with one free slot and grow
+    model = tiny(name)                                     # full layers, and rings (W=4, W=3) that grow to W
+    context = model.config.context_length
+    prompt = T.IDS[:2]
     d = BatchDecoder(model)
-    rid = d.submit(prompt, max_new_tokens=None, sampling=GREEDY)
+    rid = d.submit(prompt, max_new_tokens=None, sampling=GREEDY, ignore_eos=True)
     other = d.submit(PROMPTS[3], max_new_tokens=15, sampling=GREEDY)
     out = _drain(d)
-    assert out[rid] == gptevo.generate(model, prompt, max_new_tokens=22, temperature=0.0)   # 10 + 22 = 32
+    assert len(out[rid]) == context - 2
+    assert out[rid] == gptevo.generate(model, prompt, max_new_tokens=context - 2, temperature=0.0)
     assert out[other] == _single(model, PROMPTS[3], 15)
+
+
+def test_kv_cache_grow_keeps_contents_and_refuses_shrinking(tiny):
+    model = tiny("llama_f32")                              # layer 0 sliding (W=4), layer 1 full
+    grown, whole = model.new_cache(2), model.new_cache(12)
+    for n, t in enumerate(T.IDS):
+        if grown.length == grown.max_tokens:
+            grown.grow(grown.max_tokens + 1 + n % 3)
+        assert _rel(model.forward([t], grown), model.forward([t], whole)) < 1e-6
+    assert [k.shape[0] for k in grown.keys] == [4, grown.max_tokens]
+    with pytest.raises(RequestError, match="grow: max_tokens must be"):
+        grown.grow(grown.max_tokens - 1)
 
 
 @settings(max_examples=6, deadline=None)
