@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from gptevo.errors import GptevoError, RequestError
-from gptevo.generation import encode_prompt
+from gptevo.generation import encode_prompt, sampling_for
 from gptevo.serve.engine import Engine
 from gptevo.serve.errors import ApiError, bad_request
 from gptevo.serve.formats import TextReply, chat_format
@@ -218,8 +218,8 @@ class Server:
             stop_ids = self.chat.stop_ids
             reply = self.chat.reply(ids, req.options.stop)
         n_new = self.max_new_tokens(req.options.max_tokens, len(ids), default, param)
-        handle = self.engine.submit(ids, max_new_tokens=n_new, sampling=req.options.sampling,
-                                    stop_token_ids=stop_ids)
+        sampling = sampling_for(self.model, **req.options.sampling)
+        handle = self.engine.submit(ids, max_new_tokens=n_new, sampling=sampling, stop_token_ids=stop_ids)
         return req, ids, reply, handle
 
     async def _generate(self, request: Request, endpoint: str) -> Response:

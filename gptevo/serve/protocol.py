@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gptevo.generation import Sampling
 from gptevo.serve.errors import ApiError, bad_request
 
 MAX_STOP = 16                    # stop strings per request
@@ -28,10 +27,12 @@ REASONING_EFFORTS = ("low", "medium", "high")
 
 @dataclass(frozen=True)
 class Options:
-    """What both endpoints share. ``max_tokens`` None means the server's default."""
+    """What both endpoints share. ``max_tokens`` None means the server's default; ``sampling`` holds
+    the keyword arguments of :func:`gptevo.generation.sampling_for`, None where the request left a
+    field out (the model's ``generation_config.json`` then decides, as in ``gptevo.generate``)."""
 
     max_tokens: int | None
-    sampling: Sampling
+    sampling: dict
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
@@ -75,10 +76,10 @@ def _optional_int(body: dict, name: str, low: int) -> int | None:
     return v
 
 
-def _optional_number(body: dict, name: str, default: float) -> float:
+def _optional_number(body: dict, name: str) -> float | None:
     v = body.get(name)
     if v is None:
-        return default
+        return None
     if not _is_number(v):
         raise bad_request(f"'{name}' must be a finite number, got {_type_name(v)} {str(v)[:40]}", name)
     return float(v)
@@ -142,20 +143,27 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _sampling(body: dict) -> Sampling:
-    temperature = _optional_number(body, "temperature", 1.0)
-    if temperature < 0:
+def _sampling(body: dict) -> dict:
+    temperature = _optional_number(body, "temperature")
+    if temperature is not None and temperature < 0:
         raise bad_request(f"'temperature' must be >= 0 (0 = greedy), got {temperature}", "temperature")
-    top_p = _optional_number(body, "top_p", 1.0)
-    if not 0.0 < top_p <= 1.0:
+    top_p = _optional_number(body, "top_p")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
         raise bad_request(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-    top_k = body.get("top_k")                     # an extension (vLLM, llama.cpp); -1 or 0 = off
+    min_p = _optional_number(body, "min_p")                       # extension (vLLM, llama.cpp)
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise bad_request(f"'min_p' must be in [0, 1], got {min_p}", "min_p")
+    penalty = _optional_number(body, "repetition_penalty")        # extension (vLLM, llama.cpp)
+    if penalty is not None and not penalty > 0:
+        raise bad_request(f"'repetition_penalty' must be > 0 (1 = off), got {penalty}", "repetition_penalty")
+    top_k = body.get("top_k")                                     # extension; -1 or 0 = off
     if top_k is not None and (not _is_int(top_k) or top_k < -1):
         raise bad_request(f"'top_k' must be an integer >= -1 (-1 or 0 = off), got {str(top_k)[:40]}", "top_k")
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
         raise bad_request(f"'seed' must be an integer in [0, 2^63), got {str(seed)[:40]}", "seed")
-    return Sampling(temperature=temperature, top_k=max(0, top_k or 0), top_p=top_p, seed=seed)
+    return {"temperature": temperature, "top_k": None if top_k is None else max(0, top_k), "top_p": top_p,
+            "min_p": min_p, "repetition_penalty": penalty, "seed": seed}
 
 
 def _options(body: dict, max_tokens_fields: tuple[str, ...]) -> Options:

@@ -16,7 +16,7 @@ pytest.importorskip("starlette", reason="the serve extra (uvicorn, starlette) is
 pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
 
 import gptevo  # noqa: E402
-from gptevo.generation import Sampling, text_pieces  # noqa: E402
+from gptevo.generation import sampling_for, text_pieces  # noqa: E402
 
 BUNDLED = os.fspath(files("gptevo").joinpath("data", "austen"))
 SERVED = "austen"
@@ -72,9 +72,10 @@ def load_bundled(backend: str):
 
 
 def alone(model, prompt_ids, n, temperature=0.0, seed=None, stop=()):
-    """The text one request gets alone: the single-sequence decode loop of gptevo.generation."""
+    """The text one request gets alone: the single-sequence decode loop of gptevo.generation, with the
+    sampling of gptevo.generate (fields not given take the model's generation_config.json)."""
     from gptevo.generation import tokenizer_for
 
     return "".join(text_pieces(tokenizer_for(model), model, list(prompt_ids), max_new_tokens=n,
-                               sampling=Sampling(temperature=temperature, seed=seed), stop=tuple(stop),
+                               sampling=sampling_for(model, temperature=temperature, seed=seed), stop=tuple(stop),
                                stop_token_ids=tuple(model.config.eos_token_ids)))
