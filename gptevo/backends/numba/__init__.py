@@ -44,8 +44,8 @@ except Exception as exc:  # numba missing or broken: the registry reports probe(
 def prepare_weights(weights, config, mode="stored"):
     """Load-time preparation for this backend: q|k|v and gate|up fused into one matrix each (one
     streaming call instead of three), MXFP4 experts and the int8 dense weights marked for the
-    int8-activation decode kernels when ``mode == "int8"`` (the opt-in 8-bit mode), and the memory-mapped weights copied into
-    private memory (huge pages: no page faults and fewer TLB misses per decoded token; the mapped
+    int8-activation decode kernels when ``mode == "int8"`` (the opt-in 8-bit mode), and the memory-mapped
+    weights copied into private memory (huge pages: no page faults and fewer TLB misses per decoded token; the mapped
     ranges are dropped as they are copied, see gptevo.prepare.make_private)."""
     from dataclasses import fields
 
