@@ -20,6 +20,7 @@ from hypothesis import given, settings, strategies as st
 
 import gptevo
 from gptevo import backends, batching
+from gptevo.backends import Backend
 from gptevo.batching import BatchDecoder, TokenEvent
 from gptevo.errors import GptevoError, NumericalError, RequestError
 from gptevo.model import Model
@@ -138,6 +139,38 @@ def test_generate_list_of_text_prompts_equals_single():
         want = [gptevo.generate(model, p, max_new_tokens=12, **kw) for p in prompts]
         assert gptevo.generate(model, prompts, max_new_tokens=12, **kw) == want
         assert all(isinstance(t, str) for t in want)
+
+
+class _HostArrays:
+    """A backend's own array functions, here plain NumPy: the model takes the device-array paths
+    (``forward_batch`` runs the rows one at a time through ``forward``, as on cupy)."""
+
+    xp = np
+    asarray = staticmethod(np.asarray)
+    to_host = staticmethod(np.asarray)
+    zeros = staticmethod(np.zeros)
+    full = staticmethod(np.full)
+
+    @staticmethod
+    def arange(start, stop, dtype=np.int64):
+        return np.arange(start, stop, dtype=dtype)
+
+    @staticmethod
+    def is_device(a):
+        return False
+
+
+def test_backend_with_its_own_arrays_decodes_rows_one_at_a_time(tiny, monkeypatch):
+    ref = tiny("gptoss_mxfp4")
+    backend = Backend("own-arrays", backends.resolve("reference").ops)
+    backend.arrays = _HostArrays()
+    model = Model(ref.config, ref.weights, backend=backend)
+    calls = []
+    real = Model._run_rows
+    monkeypatch.setattr(Model, "_run_rows", lambda self, *a: calls.append(1) or real(self, *a))
+    want = [_single(ref, p, 6) for p in PROMPTS]
+    assert gptevo.generate(model, PROMPTS, max_new_tokens=6, temperature=0.0) == want
+    assert not calls                                      # never the stacked step
 
 
 # -- continuous batching: join, leave, cancel --------------------------------------------------------
