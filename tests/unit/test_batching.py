@@ -132,6 +132,14 @@ def test_generate_list_with_stop_ids_and_truncation(tiny):
     assert got[0][-1] == stop and len(got[0]) <= 3
 
 
+def test_generate_list_without_a_token_limit_runs_each_to_the_context(tiny):
+    model = tiny("gpt2_f32")                               # context 32
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    want = [gptevo.generate(model, p, max_new_tokens=None, temperature=0.0) for p in prompts]
+    assert [len(w) for w in want] == [32 - len(p) for p in prompts]
+    assert gptevo.generate(model, prompts, max_new_tokens=None, temperature=0.0) == want
+
+
 def test_generate_list_of_text_prompts_equals_single():
     model = gptevo.load(os.path.join(os.path.dirname(gptevo.__file__), "data", "austen"), backend="reference")
     prompts = ["It is a truth universally acknowledged", "Mr. Darcy", "She said"]
