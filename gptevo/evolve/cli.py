@@ -1,7 +1,7 @@
 """The ``gptevo evolve`` subcommand (registered by gptevo/cli.py through :func:`add_subparser`).
 
     gptevo evolve [--scale tiny|small|gpt2|20b] [--backend B] [--context N] [--decode-tokens N]
-                  [--no-measure] [--json] [--html FILE]
+                  [--threads N] [--no-measure] [--json] [--html FILE]
 
 Prints the ladder table and the seed's claims (or, with ``--json``, the report of
 :mod:`gptevo.evolve.report`); ``--html FILE`` also writes the self-contained page. Progress lines go
@@ -29,6 +29,9 @@ def add_subparser(sub, env) -> None:
                         "scale's GPT-2 context)")
     p.add_argument("--decode-tokens", type=int, default=DEFAULT_DECODE_TOKENS,
                    help=f"tokens decoded after the prefill (default {DEFAULT_DECODE_TOKENS})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for numba, OpenMP and BLAS in each measuring process (default: the "
+                        "environment's)")
     p.add_argument("--no-measure", action="store_true", help="skip the measured columns (computed and "
                                                              "shipped figures only)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (schema gptevo.evolve/1)")
@@ -49,7 +52,7 @@ def cmd_evolve(args, env, stdin, out, err) -> int:
         err.flush()
 
     r = report.build(args.scale, backend=args.backend, context=args.context, decode_tokens=args.decode_tokens,
-                     measure=not args.no_measure, progress=progress)
+                     measure=not args.no_measure, threads=args.threads, progress=progress)
     if args.html:
         from gptevo.evolve.html import write_html
 

@@ -183,7 +183,8 @@ def render_html(r: dict) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{escape(title)}</h1><p>{summary}</p><h2>The ladder</h2>{_step_table(r)}"
-            f"<h2>The seed's claims</h2>{_claims_table(r)}<h2>Charts</h2>{figures}</body></html>\n")
+            f"<h2>The seed's claims</h2>{_claims_table(r)}<h2>Charts</h2><p>Blue: the main line; orange: the "
+            f"side branches (post_norm off pre_norm, qk_norm off gqa).</p>{figures}</body></html>\n")
 
 
 def write_html(r: dict, path: str) -> None:

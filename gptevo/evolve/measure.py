@@ -5,8 +5,8 @@ object), so that its peak RSS is its own: the parent builds nothing. In the work
 
 1. build the step's model with random weights on the backend (``random_model.build_model``); the RSS
    before building is the process baseline (Python, NumPy, the backend's modules);
-2. warm up: a 4-token prompt and 2 decoded tokens on a scratch cache (numba compiles or loads its
-   kernels here; the cupy backend compiles its kernels);
+2. warm up: the same prompt length and 2 decoded tokens on a scratch cache (numba compiles or loads
+   its kernels for these shapes here; the cupy backend compiles its kernels);
 3. prefill: one ``model.forward(ids, cache, logits="last")`` of ``context`` random ids on an empty
    cache sized ``context + decode_tokens``; prefill tok/s = context / seconds;
 4. decode: ``decode_tokens`` greedy single-token forwards on that cache (each attends to the context);
@@ -99,10 +99,11 @@ def measure_model(model, context: int, decode_tokens: int, seed: int = 0) -> dic
     rng = np.random.default_rng(seed)
     V = model.config.vocab_size
     t0 = time.perf_counter()
-    scratch = model.new_cache(6)
-    model.forward(rng.integers(0, V, 4).tolist(), scratch, logits="last")
+    scratch = model.new_cache(context + 2)                  # the measured shapes once: kernels compile
+    model.forward(rng.integers(0, V, context).tolist(), scratch, logits="last")
     for _ in range(2):
         model.forward([int(rng.integers(0, V))], scratch)
+    del scratch
     warm = time.perf_counter() - t0
     cache = model.new_cache(context + decode_tokens)
     ids = rng.integers(0, V, context).tolist()                                       # [context]
@@ -118,13 +119,19 @@ def measure_model(model, context: int, decode_tokens: int, seed: int = 0) -> dic
             "prefill_s": prefill, "decode_s": decode, "warmup_s": warm}
 
 
-def measure_in_this_process(config: ModelConfig, backend, context: int, decode_tokens: int, seed: int = 0) -> dict:
-    """Build and measure one step here (the worker's body); peak RSS is this process's."""
+def measure_in_this_process(config: ModelConfig, backend, context: int, decode_tokens: int, seed: int = 0,
+                            threads: int | None = None) -> dict:
+    """Build and measure one step here (the worker's body); peak RSS is this process's. ``threads``
+    sets the numba, OpenMP and BLAS thread counts (gptevo.bench.set_threads) before building."""
+    from gptevo.bench import set_numba_threads, set_threads
     from gptevo.evolve.random_model import build_model
 
+    set_threads(threads)
     base = current_rss()
     t0 = time.perf_counter()
     model = build_model(config, backend, seed=seed)
+    if threads is not None:
+        set_numba_threads(threads)
     build = time.perf_counter() - t0
     out = measure_model(model, context, decode_tokens, seed)
     peak = peak_rss()
@@ -134,12 +141,14 @@ def measure_in_this_process(config: ModelConfig, backend, context: int, decode_t
 
 
 def measure_step(scale: str, step_id: str, backend: str | None, context: int, decode_tokens: int,
-                 timeout: float = STEP_TIMEOUT_S, python: str | None = None) -> dict:
+                 threads: int | None = None, timeout: float = STEP_TIMEOUT_S, python: str | None = None) -> dict:
     """Measure one step in a fresh process; {"error": ...} (never an exception) when it fails."""
     cmd = [python or sys.executable, "-m", "gptevo.evolve.measure", "--scale", scale, "--step", step_id,
            "--context", str(context), "--decode-tokens", str(decode_tokens)]
     if backend:
         cmd += ["--backend", backend]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -160,6 +169,7 @@ def _worker(argv=None) -> int:
     ap.add_argument("--context", type=int, required=True)
     ap.add_argument("--decode-tokens", type=int, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     from gptevo.evolve.ladder import ladder, step_by_id
 
@@ -167,7 +177,8 @@ def _worker(argv=None) -> int:
         step = step_by_id(ladder(args.scale), args.step)
         if args.context < 1 or args.decode_tokens < 1:
             raise RequestError("--context and --decode-tokens must be positive")
-        result = measure_in_this_process(step.config, args.backend, args.context, args.decode_tokens, args.seed)
+        result = measure_in_this_process(step.config, args.backend, args.context, args.decode_tokens, args.seed,
+                                         threads=args.threads)
     except GptevoError as exc:
         print(f"gptevo: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ Schema ``gptevo.evolve/1`` (every key always present; ``null`` where a value doe
     backend       str | null (null when nothing was measured)
     context       int   (tokens in the KV cache for the KV, FLOPs and prefill figures)
     decode_tokens int
+    threads       int | null (the measuring processes' thread count; null: the environment's defaults)
     steps         [ {id, title, parent, branch, section, change, diff {field: value}, diff_text, errata [str],
                      note, config {ModelConfig field: value},
                      computed {params_total, params_active, params_mlp, params_mlp_active, params_norms,
@@ -105,16 +106,21 @@ def _quality_summary(data: dict | None) -> dict:
 
 # -- the run -------------------------------------------------------------------------------------------
 def build(scale: str = "small", backend: str | None = None, context: int | None = None,
-          decode_tokens: int = DEFAULT_DECODE_TOKENS, measure: bool = True,
+          decode_tokens: int = DEFAULT_DECODE_TOKENS, measure: bool = True, threads: int | None = None,
           progress: Callable[[str], None] | None = None, measure_fn=None, quality_path=None) -> dict:
     """The whole report (see the module doc for the schema). ``measure=False`` skips the measured
-    columns; ``measure_fn(scale, step_id, backend, context, decode_tokens) -> dict`` replaces the
-    per-step process (default :func:`gptevo.evolve.measure.measure_step`)."""
+    columns; ``threads`` is passed to each measuring process (None: the environment's defaults);
+    ``measure_fn(scale, step_id, backend, context, decode_tokens) -> dict`` replaces the per-step
+    process (default :func:`gptevo.evolve.measure.measure_step`)."""
+    from functools import partial
+
     from gptevo.evolve.measure import fits, measure_step
 
     get_scale(scale)
     context = default_context(scale) if context is None else context
-    for name, v in (("--context", context), ("--decode-tokens", decode_tokens)):
+    for name, v in (("--context", context), ("--decode-tokens", decode_tokens), ("--threads", threads)):
+        if v is None and name == "--threads":
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise RequestError(f"{name} must be a positive integer, got {v!r}")
     say = progress or (lambda msg: None)
@@ -123,7 +129,7 @@ def build(scale: str = "small", backend: str | None = None, context: int | None 
         from gptevo import backends
 
         backend_name = backends.resolve(backend).name        # BackendError now if unusable
-    measure_fn = measure_fn or measure_step
+    measure_fn = measure_fn or partial(measure_step, threads=threads)
     steps = ladder(scale)
     qdata = load_quality(quality_path)
     rows = []
@@ -160,7 +166,7 @@ def build(scale: str = "small", backend: str | None = None, context: int | None 
         by_id[cl["step"]]["claims"].append(cl["id"])
     measured_any = any(r["measured"]["status"] == "ok" for r in rows)
     return {"schema": SCHEMA, "scale": _scale_dict(scale), "backend": backend_name if measured_any else None,
-            "context": context, "decode_tokens": decode_tokens, "steps": rows, "claims": verdicts,
+            "context": context, "decode_tokens": decode_tokens, "threads": threads, "steps": rows, "claims": verdicts,
             "quality": _quality_summary(qdata)}
 
 
