@@ -1,22 +1,30 @@
-"""The ``gptevo`` command: ``generate``, ``chat`` and ``info``.
+"""The ``gptevo`` command: ``generate``, ``chat`` and ``info`` (and ``bench``).
 
     gptevo generate "It is a truth" [--model DIR] [--backend B] [--max-new-tokens N] [--temperature T]
-                    [--top-k K] [--top-p P] [--seed S] [--stop STR ...] [--ids]
+                    [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--seed S]
+                    [--stop STR ...] [--truncate left] [--no-echo] [--stats] [--ids]
     echo "It is a truth" | gptevo generate     (one trailing newline of stdin is dropped)
-    gptevo chat [--model DIR] [--system TEXT] [--reasoning low|medium|high] [--show-analysis] ...
-    gptevo info [--model DIR] [--context N] [--json]
+    gptevo chat [--model DIR] [--system TEXT] [--reasoning low|medium|high] [--show-analysis] [--stats] ...
+    gptevo info [--model DIR] [--context N] [--dtype float32|float64] [--json]
+    python -m gptevo ...                       (the same command)
 
 With no ``--model`` the bundled model (``gptevo/data/austen``, a small gpt-oss-architecture model
-trained on Jane Austen's novels) is used. ``generate`` streams the new text to stdout as it is made
-(the same text as ``gptevo.generate``); ``--ids`` reads the prompt as token ids and prints new ids,
-for checkpoints without a tokenizer.
+trained on Jane Austen's novels) is used. ``generate`` prints the prompt, then streams the new text to
+stdout as it is made (the same text as ``gptevo.generate``); ``--no-echo`` prints the new text only.
+``--ids`` reads the prompt as token ids and prints the new ids only, for checkpoints without a tokenizer.
+``--max-new-tokens -1`` means no limit: until the end of text (an eos token) or of the model's context.
+Sampling flags left out take the model's ``generation_config.json`` values (gptevo/generation_config.py).
+``--stats`` prints one summary line on stderr, as llama-cli does: load time, prompt tokens and their
+tok/s (the prompt's forward pass), generated tokens and their tok/s (the one-token decode steps, one
+fewer than the tokens: the first comes from the prompt's pass), backend and peak resident memory.
 
-``chat`` picks the conversation format from the model: harmony for a tokenizer that has the harmony
-tokens (gpt-oss), else the ``chat_template`` of ``tokenizer_config.json`` / ``chat_template.jinja``,
-else *continuation*: the bundled Austen model is not chat-trained, so each line you type is appended to
-a running transcript and the model continues it. ``/reset`` clears the history, ``/exit`` (or end of
-input) quits. The history is left-truncated to fit the context, and a reply is at most
-``--max-new-tokens`` and at most half the context.
+``chat`` picks the conversation format from the model (gptevo/cli_chat.py): harmony for a tokenizer that
+has the harmony tokens (gpt-oss), else the ``chat_template`` of ``tokenizer_config.json`` /
+``chat_template.jinja``, else *continuation*. On a terminal it edits lines with readline (history with
+the arrow keys); Ctrl-C stops the reply being written, and Ctrl-C or Ctrl-D at the prompt quits.
+
+Errors name the flag that fixes them (``--truncate left``, ``--check-weights``, ``--dtype float64``),
+not the Python keyword: :func:`cli_message` rewrites library messages for the command line.
 
 Environment variables the command line reads: ``GPTEVO_BACKEND`` (the default of ``--backend``; the
 library's ``gptevo.backends.default_name`` reads it too), ``TIKTOKEN_ENCODINGS_BASE`` (a directory
@@ -32,25 +40,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
+import re
 import sys
 import time
 
+from gptevo.bundled import BUNDLED, bundled_model_dir  # noqa: F401  (re-exported)
 from gptevo.errors import GptevoError, RequestError
-
-BUNDLED = ("data", "austen")
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def bundled_model_dir() -> str:
-    """The directory of the bundled model, found with importlib.resources."""
-    from importlib.resources import files
-
-    path = files("gptevo").joinpath(*BUNDLED)
-    if not path.is_dir():
-        raise RequestError(f"the bundled model is missing ({path}); pass --model DIR")
-    return os.fspath(path)
 
 
 def _tokenizer_locations(env) -> dict:
@@ -70,7 +69,8 @@ def _dir_size(path: str) -> int:
     return total
 
 
-def load_model(path: str, backend, err=None, weights: str = "stored"):
+def load_model(path: str, backend, err=None, weights: str = "stored", dtype: str = "float32",
+               check_weights: bool = False):
     """``gptevo.load`` with a status line on stderr when it is a terminal (loading is memory-mapped,
     so the line covers the header checks and the weight preparation), naming the backend chosen;
     the first compilation of the numba kernels on this machine adds one line saying so."""
@@ -83,7 +83,7 @@ def load_model(path: str, backend, err=None, weights: str = "stored"):
         err.flush()
         announce_compilation(err)
     start = time.perf_counter()
-    model = load(path, backend=backend, weights=weights)
+    model = load(path, backend=backend, weights=weights, dtype=dtype, check_weights=check_weights)
     if show:
         name = getattr(getattr(model, "backend", None), "name", "?")
         mode = "" if weights == "stored" else f", {weights} weights"
@@ -139,6 +139,73 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+def load_options(args) -> dict:
+    """The ``gptevo.load`` options given by the load flags: --weights, and --dtype / --check-weights
+    when they differ from the defaults."""
+    options = {"weights": args.weights}
+    if args.dtype != "float32":
+        options["dtype"] = args.dtype
+    if args.check_weights:
+        options["check_weights"] = True
+    return options
+
+
+def sampling_options(args) -> dict:
+    """The sampling keywords of ``gptevo.generate`` given by the sampling flags (None = model default)."""
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+            "seed": args.seed}
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (getrusage; kilobytes on Linux, bytes on macOS), or None."""
+    try:
+        import resource
+    except ImportError:      # pragma: no cover - Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def stats_line(load_s: float, timings, model) -> str:
+    """The one-line ``--stats`` summary (module doc): load, prompt, generation, backend, peak RSS."""
+    t = timings
+    prompt_rate = t.prompt_tokens / t.prompt_s if t.prompt_s > 0 else 0.0
+    gen_rate = t.decode_steps / t.decode_s if t.decode_s > 0 else 0.0
+    backend = getattr(getattr(model, "backend", None), "name", "?")
+    rss = peak_rss_bytes()
+    return (f"stats: load {load_s:.2f} s | prompt {t.prompt_tokens} tokens, {t.prompt_s:.3f} s, "
+            f"{prompt_rate:.1f} tok/s | generated {t.new_tokens} tokens, {t.decode_s:.3f} s, {gen_rate:.1f} tok/s | "
+            f"backend {backend} | peak RSS {human_bytes(rss) if rss is not None else '?'}")
+
+
+# Library wording -> command-line wording, for error messages shown on the command line.
+_REMEDIES = (
+    ("gptevo.load(path, check_weights=True)", "--check-weights"),
+    ("check_weights=True", "--check-weights"),
+    ("dtype='float64'", "--dtype float64"),
+    ("truncation='left'", "--truncate left"),
+    ("max_new_tokens=None (no limit)", "--max-new-tokens -1 (no limit)"),
+)
+_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+          "top_p": "--top-p", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty",
+          "seed": "--seed", "truncation": "--truncate", "stop": "--stop"}
+_FLAG_WORD = re.compile(r"(?<![\w'\"./-])(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")(?![\w'\"])")
+
+
+def cli_message(exc: BaseException) -> str:
+    """The message of a gptevo error as the command line shows it: remedies and, for a request error,
+    parameter names as the flags that set them (``top_p`` -> ``--top-p``)."""
+    from gptevo.errors import RequestError
+
+    text = str(exc)
+    for old, new in _REMEDIES:
+        text = text.replace(old, new)
+    if isinstance(exc, RequestError):
+        text = _FLAG_WORD.sub(lambda m: _FLAGS[m.group(1)], text)
+    return text
+
+
 # -- generate ------------------------------------------------------------------------------------
 def _read_prompt(args, stdin) -> str:
     if args.prompt is not None and args.prompt != "-":
@@ -158,224 +225,121 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args, env, stdin, out, err) -> int:
-    from gptevo.generation import generate
+    from gptevo.generation import Timings, generate
 
     prompt = _read_prompt(args, stdin)
-    model = load_model(args.model or bundled_model_dir(), args.backend, err, weights=args.weights)
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, seed=args.seed)
+    start = time.perf_counter()
+    model = load_model(args.model or bundled_model_dir(), args.backend, err, **load_options(args))
+    load_s = time.perf_counter() - start
+    timings = Timings() if args.stats else None
+    kw = dict(sampling_options(args), truncation=args.truncate, timings=timings)
     if args.ids:
         new = generate(model, _parse_ids(prompt), stop_token_ids=None, **kw)
         out.write(" ".join(map(str, new)) + "\n")
-        return 0
-    attach_tokenizer(model, env)
-    for piece in generate(model, prompt, stop=args.stop or None, stream=True, **kw):
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    return 0
-
-
-# -- chat ----------------------------------------------------------------------------------------
-def chat_mode(model, tokenizer) -> tuple[str, object]:
-    """("harmony", stop ids) | ("template", ChatTemplate) | ("continue", None)."""
-    from gptevo.chat import harmony_stop_ids, load_chat_template
-
-    stops = harmony_stop_ids(tokenizer)
-    if stops is not None:
-        return "harmony", stops
-    template = load_chat_template(model.path) if model.path else None
-    if template is not None:
-        return "template", template
-    return "continue", None
-
-
-def cmd_chat(args, env, stdin, out, err) -> int:
-    from gptevo.chat import encode_harmony, parse_harmony
-    from gptevo.generation import (check_max_new_tokens, check_sampling, fit_context, text_pieces,
-                                   token_stream)
-
-    model = load_model(args.model or bundled_model_dir(), args.backend, err, weights=args.weights)
-    tok = attach_tokenizer(model, env)
-    cfg = model.config
-    # the history is left-truncated to fit; keep at least half of the context for it
-    n_new = min(check_max_new_tokens(args.max_new_tokens), max(1, cfg.context_length // 2))
-    sampling = check_sampling(args.temperature, args.top_k, args.top_p, args.seed, cfg.vocab_size)
-    mode, extra = chat_mode(model, tok)
-    notes = {"harmony": "harmony format (gpt-oss)", "template": f"chat template from {getattr(extra, 'source', '')}",
-             "continue": "this model has no chat format (it is not chat-trained): each line you type is "
-                         "appended to the text so far and the model continues it"}
-    err.write(f"chat: {notes[mode]}. /reset clears the history, /exit quits.\n")
-    interactive = hasattr(stdin, "isatty") and stdin.isatty()
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    transcript = ""
-    eos = tuple(cfg.eos_token_ids)
-    while True:
-        if interactive:
-            err.write("> ")
-            err.flush()
-        line = stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        if line.strip() in ("/exit", "/quit"):
-            break
-        if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
-            transcript = ""
-            continue
-        if not line.strip():
-            continue
-        if mode == "harmony":
-            messages.append({"role": "user", "content": line})
-            ids = encode_harmony(tok, messages, reasoning=args.reasoning)
-            ids = fit_context(ids, n_new, cfg.context_length, "left")
-            new = list(token_stream(model, ids, max_new_tokens=n_new, sampling=sampling,
-                                    stop_token_ids=(*extra, *eos)))
-            reply = parse_harmony(new, tok)
-            if args.show_analysis and reply.analysis:
-                err.write(f"[analysis] {reply.analysis}\n")
-            answer = reply.final or (reply.messages[-1].content if reply.messages else "")
-            out.write(answer + "\n")
+    else:
+        attach_tokenizer(model, env)
+        pieces = generate(model, prompt, stop=args.stop or None, stream=True, **kw)   # checks the request
+        if args.echo:
+            out.write(prompt)
             out.flush()
-            messages.append({"role": "assistant", "content": answer})
-            continue
-        if mode == "template":
-            messages.append({"role": "user", "content": line})
-            ids = tok.encode(extra.render(messages, add_generation_prompt=True), add_special_tokens=False)
-        else:
-            transcript = (transcript + " " + line).strip() if transcript else line
-            ids = tok.encode(transcript)
-        ids = fit_context(ids, n_new, cfg.context_length, "left")
-        answer = ""
-        for piece in text_pieces(tok, model, ids, max_new_tokens=n_new, sampling=sampling, stop_token_ids=eos):
+        for piece in pieces:
             out.write(piece)
             out.flush()
-            answer += piece
         out.write("\n")
-        out.flush()
-        if mode == "template":
-            messages.append({"role": "assistant", "content": answer})
-        else:
-            transcript += answer
-    return 0
-
-
-# -- info ----------------------------------------------------------------------------------------
-def model_info(config, context: int) -> dict:
-    """Sizes and memory of a config, from gptevo.calculators (exact integers)."""
-    from gptevo import calculators as C
-
-    counts = C.parameter_count(config)
-    dtypes = ("float32", "bfloat16", "float16", "int8", "mxfp4")
-    info = {
-        "family": config.family,
-        "layers": config.num_layers, "hidden_size": config.hidden_size, "heads": config.num_heads,
-        "kv_heads": config.num_kv_heads, "head_dim": config.head_dim, "vocab_size": config.vocab_size,
-        "context": config.context_length, "experts": config.num_experts,
-        "experts_per_token": config.experts_per_token, "sliding_window": config.sliding_window,
-        "parameters_total": counts["total"],
-        "parameters_active": C.active_parameters(config),
-        "parameters_active_with_embedding": C.active_parameters(config, count_embedding=True),
-        "kv_cache_bytes_per_token_bf16": C.kv_cache_bytes(config, 1, "bfloat16"),
-        "kv_cache_context_tokens": context,
-        "kv_cache_bytes_at_context_bf16": C.kv_cache_bytes(config, context, "bfloat16"),
-        "bytes_per_token_bf16": C.bytes_per_token(config, "bfloat16", context_tokens=context),
-        "weight_memory": {d: C.weight_memory(config, d) for d in dtypes},
-    }
-    if config.is_moe:
-        info["weight_memory"]["mxfp4_experts_only"] = C.weight_memory(config, "mxfp4", experts_only=True)
-        info["bytes_per_token_mxfp4_experts"] = C.bytes_per_token(config, "mxfp4", context_tokens=context,
-                                                                  experts_only=True)
-    return info
-
-
-def cmd_info(args, env, stdin, out, err) -> int:
-    from gptevo.config_adapters import load_config
-
-    path = args.model or bundled_model_dir()
-    config = load_config(path)
-    context = args.context if args.context is not None else min(config.context_length, 4096)
-    if context < 0:
-        raise RequestError(f"--context must be >= 0, got {context}")
-    info = model_info(config, context)
-    if args.json:
-        out.write(json.dumps({"path": path, **info}, indent=2) + "\n")
-        return 0
-    w = info["weight_memory"]
-    lines = [
-        f"model            {path}",
-        f"family           {info['family']}",
-        f"shape            {info['layers']} layers, hidden {info['hidden_size']}, {info['heads']} heads "
-        f"({info['kv_heads']} KV) x {info['head_dim']}, vocab {info['vocab_size']}, context {info['context']}",
-    ]
-    if info["experts"]:
-        lines.append(f"experts          {info['experts_per_token']} of {info['experts']} per token")
-    if info["sliding_window"]:
-        lines.append(f"sliding window   {info['sliding_window']}")
-    lines += [
-        f"parameters       {human_count(info['parameters_total'])} total ({info['parameters_total']:,})",
-        f"active/token     {human_count(info['parameters_active'])} ({info['parameters_active']:,}; "
-        f"{info['parameters_active_with_embedding']:,} with the embedding table)",
-        f"KV cache         {human_bytes(info['kv_cache_bytes_per_token_bf16'])} per token (bf16); "
-        f"{human_bytes(info['kv_cache_bytes_at_context_bf16'])} at {context} tokens",
-        f"read per token   {human_bytes(info['bytes_per_token_bf16'])} (bf16 weights + KV at {context} tokens)",
-    ]
-    if "bytes_per_token_mxfp4_experts" in info:
-        lines.append(f"                 {human_bytes(info['bytes_per_token_mxfp4_experts'])} "
-                     f"(MXFP4 experts, as gpt-oss ships)")
-    lines.append("weight memory    " + ", ".join(f"{d} {human_bytes(b)}" for d, b in w.items()))
-    out.write("\n".join(lines) + "\n")
+    out.flush()
+    if timings is not None:
+        err.write(stats_line(load_s, timings, model) + "\n")
     return 0
 
 
 # -- the parser ----------------------------------------------------------------------------------
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows every option's default: "(default: X)" is appended to a help text that does not
+    state its default already (options whose default is None or off say it in their own words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def max_new_tokens_arg(text: str) -> int | None:
+    """--max-new-tokens: a positive integer, or -1 for no limit (None: until eos or the context)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n == -1:
+        return None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, or -1 for no limit; got {text!r}")
+    return n
+
+
+def model_flags(sp, env, backend: bool = True) -> None:
+    """--model, and with ``backend`` the load flags: --backend, --weights, --dtype, --check-weights."""
+    sp.add_argument("--model", metavar="DIR", help="model directory (default: the bundled Austen model)")
+    if backend:
+        sp.add_argument("--backend", default=env.get("GPTEVO_BACKEND") or None,
+                        help="reference (exact), numba, cupy, ... (default: $GPTEVO_BACKEND, else numba "
+                             "when installed, else reference)")
+        sp.add_argument("--weights", choices=("stored", "int8"), default="stored",
+                        help="stored: every tensor in its stored dtype (exact); int8: dense matrices as "
+                             "blockwise int8 (faster, approximate; spec/ops/int8.md)")
+        sp.add_argument("--check-weights", action="store_true",
+                        help="scan every weight for NaN/inf (and MXFP4 scales decoding to them) before "
+                             "running; reads the whole checkpoint")
+    sp.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                    help="activation and KV-cache dtype (float64: slower, for overflow or accuracy checks)")
+
+
+def sampling_flags(sp, max_new: int) -> None:
+    """The sampling flags of generate and chat (None defaults: the model's generation_config.json)."""
+    model_default = "default: the model's generation_config.json, else"
+    sp.add_argument("--max-new-tokens", type=max_new_tokens_arg, default=max_new, metavar="N",
+                    help="tokens to generate at most; -1 = no limit (until the end of text or of the "
+                         "context)")
+    sp.add_argument("--temperature", type=float, default=None, metavar="T",
+                    help=f"0 = greedy ({model_default} 1.0)")
+    sp.add_argument("--top-k", type=int, default=None, metavar="K",
+                    help=f"keep the K most likely tokens; 0 = off ({model_default} off)")
+    sp.add_argument("--top-p", type=float, default=None, metavar="P",
+                    help=f"keep the smallest set of tokens with probability >= P; 1 = off ({model_default} off)")
+    sp.add_argument("--min-p", type=float, default=None, metavar="P",
+                    help=f"drop tokens less likely than P x the most likely one; 0 = off ({model_default} off)")
+    sp.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                    help="divide the logits of tokens already seen (prompt and output) by R (multiply "
+                         f"negative ones); 1 = off ({model_default} off)")
+    sp.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one each run)")
+    sp.add_argument("--stats", action="store_true",
+                    help="print load time, prompt and generation tok/s, backend and peak RSS on stderr")
+
+
 def build_parser(env) -> argparse.ArgumentParser:
     from gptevo import __version__
+    from gptevo.cli_chat import add_subparser as add_chat
+    from gptevo.cli_info import add_subparser as add_info
 
     p = argparse.ArgumentParser(prog="gptevo", description="Run GPT-family models (GPT-2 ... gpt-oss) "
-                                "without PyTorch.")
+                                "without PyTorch.", formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"gptevo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def model_flags(sp, backend=True):
-        sp.add_argument("--model", help="model directory (default: the bundled Austen model)")
-        if backend:
-            sp.add_argument("--backend", default=env.get("GPTEVO_BACKEND") or None,
-                            help="reference (exact), numba, cupy, ... (default: $GPTEVO_BACKEND, else numba "
-                                 "when installed, else reference)")
-            sp.add_argument("--weights", choices=("stored", "int8"), default="stored",
-                            help="stored: every tensor in its stored dtype (exact, default); int8: dense "
-                                 "matrices as blockwise int8 (faster, approximate; spec/ops/int8.md)")
-
-    def sampling_flags(sp, max_new):
-        sp.add_argument("--max-new-tokens", type=int, default=max_new)
-        sp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-        sp.add_argument("--top-k", type=int, default=None, help="0 = off")
-        sp.add_argument("--top-p", type=float, default=None, help="1 = off")
-        sp.add_argument("--seed", type=int, default=None)
-
-    g = sub.add_parser("generate", help="continue a prompt (argument or stdin)")
+    g = sub.add_parser("generate", help="continue a prompt (argument or stdin)", formatter_class=HelpFormatter,
+                       description="Print the prompt and its continuation.")
     g.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads stdin")
-    model_flags(g)
+    model_flags(g, env)
     sampling_flags(g, 64)
-    g.add_argument("--stop", action="append", help="stop string (repeatable); not printed")
-    g.add_argument("--ids", action="store_true", help="the prompt is token ids; print new token ids")
+    g.add_argument("--stop", action="append", metavar="STR", help="stop string (repeatable; not printed)")
+    g.add_argument("--truncate", choices=("left",), default=None,
+                   help="left: drop the start of a prompt too long for the context (default: refuse it)")
+    g.add_argument("--no-echo", dest="echo", action="store_false", help="print the new text only, not the prompt")
+    g.add_argument("--ids", action="store_true", help="the prompt is token ids; print the new token ids only")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("chat", help="interactive chat (harmony, chat template, or text continuation)")
-    model_flags(c)
-    sampling_flags(c, 256)
-    c.add_argument("--system", help="system prompt (harmony: developer instructions)")
-    c.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium", help="harmony only")
-    c.add_argument("--show-analysis", action="store_true", help="harmony: print the analysis channel to stderr")
-    c.set_defaults(func=cmd_chat)
-
-    i = sub.add_parser("info", help="sizes, parameters, KV cache and memory of a model (config only)")
-    model_flags(i, backend=False)
-    i.add_argument("--context", type=int, default=None, help="tokens for the KV-cache figures (default 4096)")
-    i.add_argument("--json", action="store_true", help="print JSON")
-    i.set_defaults(func=cmd_info)
+    add_chat(sub, env)
+    add_info(sub, env)
 
     from gptevo.bench import add_subparser as add_bench
     add_bench(sub, env)
@@ -399,7 +363,7 @@ def main(argv=None, *, env=None, stdin=None, stdout=None, stderr=None) -> int:
         return args.func(args, env, stdin, out, err)
     except GptevoError as exc:
         out.flush()
-        err.write(f"gptevo: error: {exc}\n")
+        err.write(f"gptevo: error: {cli_message(exc)}\n")
         return 2
     except KeyboardInterrupt:
         err.write("\n")

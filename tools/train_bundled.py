@@ -500,13 +500,21 @@ def stage_export(args, P):
         nll, n = heldout_nll(model, held, args.seq, max_windows=64)
         print(f"[export] after {step} fine-tune steps: ppl {math.exp(nll / n):.2f}", flush=True)
     torch.save({"model": model.state_dict(), "packed": packed, "cfg": CFG}, P["export"])
-    write_package(model, packed, tok, args.out)
+    write_package(model, packed, tok, args.out, args.seq)
 
 
-def hf_config(c):
+# Sampling defaults written to generation_config.json, chosen with tools/tune_bundled_sampling.py
+# (the measurements are in gptevo/data/austen/README.md).
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
+
+
+def hf_config(c, context: int):
     """config.json with exactly the keys of the real gpt-oss HF config (facts §1.3), scaled down.
 
-    eos/pad = <|endoftext|> (the only end token of this plain-text model)."""
+    eos/pad = <|endoftext|> (the only end token of this plain-text model). ``max_position_embeddings``
+    is the trained context (``--seq``): the model has never seen a longer sequence, so gptevo refuses
+    one. The YaRN values stay gpt-oss's (``factor`` is given, so max_position_embeddings does not enter
+    the frequencies, in gptevo or in transformers)."""
     L = c["num_hidden_layers"]
     V = c["vocab_size"]
     return {
@@ -522,7 +530,7 @@ def hf_config(c):
         "initializer_range": 0.02,
         "intermediate_size": c["intermediate_size"],
         "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)],
-        "max_position_embeddings": int(c["initial_context_length"] * c["rope_factor"]),
+        "max_position_embeddings": int(context),
         "model_type": "gpt_oss",
         "num_attention_heads": c["num_attention_heads"],
         "num_experts_per_tok": c["num_experts_per_tok"],
@@ -556,7 +564,7 @@ def hf_config(c):
     }
 
 
-def write_package(model, packed, tok, out):
+def write_package(model, packed, tok, out, context: int):
     """Write the HF gpt-oss layout (names: facts §4; experts as MXFP4 _blocks/_scales, rest bf16)."""
     from safetensors.torch import save_file
 
@@ -594,15 +602,16 @@ def write_package(model, packed, tok, out):
     save_file(T, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     V = c["vocab_size"]
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(hf_config(c), f, indent=2, sort_keys=True)
+        json.dump(hf_config(c, context), f, indent=2, sort_keys=True)
         f.write("\n")
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": V - 2, "do_sample": True, "eos_token_id": [V - 1],
-                   "pad_token_id": V - 1, "transformers_version": "4.55.0.dev0"}, f, indent=2)
+                   "pad_token_id": V - 1, **SAMPLING_DEFAULTS, "transformers_version": "4.55.0.dev0"},
+                  f, indent=2)
         f.write("\n")
     tok.save(os.path.join(out, "tokenizer.json"))
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "model_max_length": 131072,
+        json.dump({"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "model_max_length": int(context),
                    "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False},
                   f, indent=2)
         f.write("\n")
@@ -616,7 +625,7 @@ def stage_package(args, P):
     model = GptOss(CFG)
     ck = torch.load(P["export"], weights_only=False)
     model.load_state_dict(ck["model"])
-    write_package(model, ck["packed"], tok, args.out)
+    write_package(model, ck["packed"], tok, args.out, args.seq)
 
 
 def stage_report(args, P):

@@ -49,7 +49,7 @@ def use_model(monkeypatch):
     calls = []
 
     def install(model):
-        def fake_load(path, backend, err=None, weights="stored"):
+        def fake_load(path, backend, err=None, weights="stored", **options):
             calls.append((path, backend))
             return model
         monkeypatch.setattr(cli, "load_model", fake_load)
@@ -65,17 +65,18 @@ def test_generate_prints_the_library_text(use_model, tok):
                         "--seed", "4", "--top-k", "20", "--top-p", "0.9", "Once"])
     want = gptevo.generate(FakeModel(V, tokenizer=tok), "Once", max_new_tokens=12, temperature=0.9, seed=4,
                            top_k=20, top_p=0.9)
-    assert rc == 0 and out == want + "\n" and err == ""
+    assert rc == 0 and out == "Once" + want + "\n" and err == ""
 
 
 def test_generate_reads_stdin_and_stops(use_model, tok):
     eos = tok.token_to_id("<|endoftext|>")
     script = list(b"Hello there. More")
     use_model(ScriptedModel(vocab_size_of(byte_tokenizer_json()), script, after=eos, eos=(eos,), tokenizer=tok))
-    rc, out, _ = run(["generate", "--model", "m", "--temperature", "0", "--stop", "."], stdin="A prompt\n")
+    rc, out, _ = run(["generate", "--model", "m", "--temperature", "0", "--stop", ".", "--no-echo"],
+                     stdin="A prompt\n")
     assert rc == 0 and out == "Hello there\n"
     rc, out, _ = run(["generate", "--model", "m", "--temperature", "0", "-"], stdin="A prompt")
-    assert rc == 0 and out == "Hello there. More\n"
+    assert rc == 0 and out == "A promptHello there. More\n"
 
 
 def test_stdin_prompt_drops_one_trailing_newline(use_model):
@@ -104,9 +105,10 @@ def test_backend_from_flag_or_environment(use_model):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["generate", "--model", "m", "--temperature", "-1", "x"], "temperature"),
-    (["generate", "--model", "m", "--top-p", "2", "x"], "top_p"),
-    (["generate", "--model", "m", "--max-new-tokens", "0", "x"], "max_new_tokens"),
+    (["generate", "--model", "m", "--temperature", "-1", "x"], "--temperature"),
+    (["generate", "--model", "m", "--top-p", "2", "x"], "--top-p"),
+    (["generate", "--model", "m", "--min-p", "2", "x"], "--min-p"),
+    (["generate", "--model", "m", "--repetition-penalty", "0", "x"], "--repetition-penalty"),
     (["generate", "--model", "m", "--ids", "1 x"], "--ids"),
     (["generate", "--model", "m", ""], "empty"),
 ])
@@ -211,7 +213,7 @@ def test_bundled_generate_matches_library_and_streams_identically():
         assert "".join(gptevo.generate(model, prompt, max_new_tokens=16, stream=True, **kw)) == text
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
         rc, out, err = run(["generate", "--max-new-tokens", "16", *flags, prompt])
-        assert rc == 0 and out == text + "\n"
+        assert rc == 0 and out == prompt + text + "\n"
 
 
 @needs_bundled
