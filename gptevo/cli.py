@@ -255,11 +255,13 @@ def cmd_generate(args, env, stdin, out, err) -> int:
 # -- the parser ----------------------------------------------------------------------------------
 class HelpFormatter(argparse.HelpFormatter):
     """``--help`` shows every option's default: "(default: X)" is appended to a help text that does not
-    state its default already (options whose default is None or off say it in their own words)."""
+    state its default already (options whose default is None say it in their own words; on/off
+    switches are off unless given)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in text or not action.option_strings or action.nargs == 0 \
+                or action.default in (None, argparse.SUPPRESS):
             return text
         return text + " (default: %(default)s)"
 
@@ -331,7 +333,7 @@ def build_parser(env) -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads stdin")
     model_flags(g, env)
     sampling_flags(g, 64)
-    g.add_argument("--stop", action="append", metavar="STR", help="stop string (repeatable; not printed)")
+    g.add_argument("--stop", action="append", metavar="STR", help="stop string (repeatable; not printed) (default: none)")
     g.add_argument("--truncate", choices=("left",), default=None,
                    help="left: drop the start of a prompt too long for the context (default: refuse it)")
     g.add_argument("--no-echo", dest="echo", action="store_false", help="print the new text only, not the prompt")
