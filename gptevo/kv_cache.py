@@ -182,6 +182,37 @@ class KVCache:
         K[idx], V[idx], P[idx] = new_k[keep], new_v[keep], pos[keep]
         self._lengths[layer] = int(pos[-1]) + 1
 
+    def append_one(self, layer: int, new_k, new_v):
+        """``view`` and ``commit`` of one new token (host buffers; a batched decode step calls this per
+        sequence and layer): stores ``new_k``/``new_v`` ``[1, G, Dh]`` at position ``length`` and returns
+        the same ``(k_all, v_all, k_positions)`` as ``view`` would have, in the same order."""
+        if self.arrays is not None or self.broken is not None:     # device buffers, or refuse as view does
+            pos = np.array([self._lengths[layer]], dtype=np.int64)                  # [1]
+            out = self.view(layer, new_k, new_v, pos)
+            self.commit(layer, new_k, new_v, pos)
+            return out
+        K, V, P = self.keys[layer], self.values[layer], self.positions[layer]
+        p = self._lengths[layer]
+        if new_k.shape != (1, *K.shape[1:]) or new_v.shape != (1, *V.shape[1:]):
+            raise RequestError(f"new_k/new_v have shapes {list(new_k.shape)}, {list(new_v.shape)}, expected "
+                               f"{[1, *K.shape[1:]]}")
+        if p + 1 > self.max_tokens:
+            raise RequestError(f"KV cache overflow: {p} cached + 1 new token = {p + 1} positions, "
+                               f"but the cache holds max_tokens={self.max_tokens}")
+        slots = K.shape[0]
+        if self.windows[layer] is None:
+            K[p], V[p], P[p] = new_k[0], new_v[0], p
+            self._lengths[layer] = p + 1
+            return K[:p + 1], V[:p + 1], np.arange(p + 1, dtype=np.int64)
+        valid = np.flatnonzero(P >= 0)
+        order = valid[np.argsort(P[valid])]                              # oldest first, as view
+        k_all = np.concatenate([K[order], np.asarray(new_k, self.dtype)], axis=0)   # [S, G, Dh]
+        v_all = np.concatenate([V[order], np.asarray(new_v, self.dtype)], axis=0)   # [S, G, Dh]
+        k_pos = np.append(P[order], p)                                              # [S]
+        K[p % slots], V[p % slots], P[p % slots] = new_k[0], new_v[0], p
+        self._lengths[layer] = p + 1
+        return k_all, v_all, k_pos
+
     # -- backend-owned arrays: slices from host-side lengths, no position value read on the host --
     def _view_device(self, layer: int, new_k, new_v, pos):
         K, V, P = self.keys[layer], self.values[layer], self.positions[layer]

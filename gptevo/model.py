@@ -530,11 +530,10 @@ class Model:
         out = None
         for b, cache in enumerate(caches):
             rows = slice(b, b + 1)
-            k_all, v_all, k_pos = cache.view(i, k[rows], v[rows], pos[rows])           # [S,G,Dh], [S]
+            k_all, v_all, k_pos = cache.append_one(i, k[rows], v[rows])               # [S,G,Dh], [S]
             o = B.attention(q=q[rows], k=k_all, v=v_all, q_positions=pos[rows], k_positions=k_pos,
                             window=c.window_for_layer(i), sinks=L.sinks, scale=scale,
                             alibi_slopes=slopes)                                       # [1,H,Dh]
-            cache.commit(i, k[rows], v[rows], pos[rows])
             if out is None:
                 out = np.empty((len(caches),) + o.shape[1:], o.dtype)                  # [B,H,Dh]
             out[b] = o[0]

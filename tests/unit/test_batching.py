@@ -23,6 +23,7 @@ from gptevo import backends, batching
 from gptevo.backends import Backend
 from gptevo.batching import BatchDecoder, TokenEvent
 from gptevo.errors import GptevoError, NumericalError, RequestError
+from gptevo.kv_cache import KVCache
 from gptevo.model import Model
 from gptevo.generation import check_sampling
 
@@ -256,6 +257,31 @@ def test_context_full_ends_with_length_and_growing_caches(tiny, monkeypatch, nam
     assert len(out[rid]) == context - 2
     assert out[rid] == gptevo.generate(model, prompt, max_new_tokens=context - 2, temperature=0.0)
     assert out[other] == _single(model, PROMPTS[3], 15)
+
+
+def test_append_one_equals_view_then_commit():
+    config = T.LLAMA                                       # layer 0 sliding (W=4), layer 1 full
+    fused, plain = KVCache(config, 9), KVCache(config, 9)
+    rng = np.random.default_rng(0)
+    for p in range(9):
+        for layer in range(config.num_layers):
+            k, v = rng.standard_normal((2, 1, config.num_kv_heads, config.head_dim)).astype(np.float32)
+            got = fused.append_one(layer, k, v)
+            pos = np.array([p])
+            want = [np.array(a) for a in plain.view(layer, k, v, pos)]
+            plain.commit(layer, k, v, pos)
+            for g, w in zip(got, want):
+                assert np.array_equal(g, w)
+    assert fused.length == plain.length == 9
+    for a, b in zip(fused.keys + fused.positions, plain.keys + plain.positions):
+        assert np.array_equal(a, b)
+    with pytest.raises(RequestError, match="overflow"):
+        fused.append_one(0, k, v)
+    with pytest.raises(RequestError, match="shapes"):
+        KVCache(config, 2).append_one(0, k[:, :1], v)
+    fused.broken = "test"
+    with pytest.raises(RequestError, match="incomplete"):
+        fused.append_one(1, k, v)
 
 
 def test_kv_cache_grow_keeps_contents_and_refuses_shrinking(tiny):
