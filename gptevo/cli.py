@@ -328,12 +328,13 @@ def build_parser(env) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"gptevo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="continue a prompt (argument or stdin)", formatter_class=HelpFormatter,
-                       description="Print the prompt and its continuation.")
+    g = sub.add_parser("generate", help="continue a prompt (argument or stdin)",
+                       formatter_class=HelpFormatter, description="Print the prompt and its continuation.")
     g.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads stdin")
     model_flags(g, env)
     sampling_flags(g, 64)
-    g.add_argument("--stop", action="append", metavar="STR", help="stop string (repeatable; not printed) (default: none)")
+    g.add_argument("--stop", action="append", metavar="STR",
+                   help="stop string (repeatable; not printed) (default: none)")
     g.add_argument("--truncate", choices=("left",), default=None,
                    help="left: drop the start of a prompt too long for the context (default: refuse it)")
     g.add_argument("--no-echo", dest="echo", action="store_false", help="print the new text only, not the prompt")

@@ -122,7 +122,8 @@ def test_processors_agree_with_hugging_face():
     (dict(min_p=-0.1), "min_p"), (dict(min_p=1.5), "min_p"), (dict(min_p=float("nan")), "min_p"),
     (dict(min_p="0.1"), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(repetition_penalty=-1.0), "repetition_penalty"),
-    (dict(repetition_penalty=float("inf")), "repetition_penalty"), (dict(repetition_penalty=True), "repetition_penalty"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(repetition_penalty=True), "repetition_penalty"),
 ])
 def test_bad_new_parameters_name_themselves(kw, name):
     with pytest.raises(RequestError, match=name):
@@ -257,7 +258,8 @@ class _DeviceModel(FakeModel):
         return self.forward(ids, cache)
 
 
-@pytest.mark.parametrize("kw", [dict(min_p=0.1), dict(repetition_penalty=1.4), dict(temperature=0, repetition_penalty=1.4)])
+@pytest.mark.parametrize("kw", [dict(min_p=0.1), dict(repetition_penalty=1.4),
+                                dict(temperature=0, repetition_penalty=1.4)])
 def test_device_sampler_hands_unsupported_rules_to_the_host(kw):
     m = _DeviceModel(V)
     args = dict(temperature=0.8, seed=3, **kw) if "temperature" not in kw else dict(seed=3, **kw)
