@@ -34,7 +34,7 @@ def _check_lookup(table, ids, what: str, table_what: str, table_name: str) -> tu
     if ids.dtype.kind not in "iu":
         raise RequestError(f"{what} must be integers; found dtype {ids.dtype}")
     rows = table.shape[0]
-    if checks.on_host(ids) and ids.size:
+    if checks.on_host(ids) and ids.size and not checks.all_in_range(ids, rows):
         flat = ids.reshape(-1)
         bad = np.flatnonzero((flat < 0) | (flat >= rows))
         if bad.size:

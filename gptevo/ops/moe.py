@@ -221,7 +221,7 @@ def check_moe_experts_args(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down
                            f"{list(checks.shape_of(b_gate_up))}")
     if b_down is not None and checks.shape_of(b_down) != (n_experts, d):
         raise RequestError(f"moe_experts: b_down must be [{n_experts}, {d}], got {list(checks.shape_of(b_down))}")
-    if checks.on_host(ids) and ids.size and (ids.min() < 0 or ids.max() >= n_experts):
+    if checks.on_host(ids) and ids.size and not checks.all_in_range(ids, n_experts):
         raise RequestError(f"moe_experts: expert ids must be in 0..{n_experts - 1}, got "
                            f"{int(ids.min())}..{int(ids.max())}")
     return {"x": x, "weights": weights, "ids": ids, "w_gate_up": w_gate_up,

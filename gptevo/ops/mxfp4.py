@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from gptevo.errors import CheckpointError, RequestError
-from gptevo.ops.spec import Case, op
+from gptevo.ops.spec import Case, op, unchecked
 
 # E2M1 value of each 4-bit code. Bit 3 is the sign; bits 2..1 the exponent (bias 1); bit 0 the
 # mantissa. Code 8 is -0.0 (kept: it decodes to a negative zero).
@@ -237,8 +237,9 @@ class Mxfp4Weight:
         return self.shape[0]
 
     def decode(self, dtype="float32") -> np.ndarray:
-        """The decoded weight [..., G*32] in ``dtype`` (float32 or float64); see mxfp4_decode."""
-        return mxfp4_decode(blocks=self._blocks, scales=self._scales, dtype=dtype)
+        """The decoded weight [..., G*32] in ``dtype`` (float32 or float64); see mxfp4_decode. Blocks
+        and scales were checked when the weight was made, so only ``dtype`` is checked here."""
+        return unchecked(mxfp4_decode)(blocks=self._blocks, scales=self._scales, dtype=_decode_dtype(dtype).name)
 
     def check_scales(self) -> None:
         """Raise CheckpointError if any scale byte is 255 (E8M0 NaN). Reads the scales (1/16 of the size)."""

@@ -332,12 +332,14 @@ class CudaOps:
                         self._act(pos, np.dtype(np.int64)), np.int64(slots), _i32(row, "G*Dh")))
 
     # ---- norms --------------------------------------------------------------------------------
-    def rms_norm(self, x, weight, eps, offset=0.0):
-        on_dev = self._dev(x)
+    def _norm_setup(self, x):
+        """(on device, D, compute dtype, rows, the output buffer) of a norm over x's last axis."""
         d = x.shape[-1]
         dt = compute_dtype(x)
-        rows = x.size // d
-        y = self.rt.empty(x.shape, dt)
+        return self._dev(x), d, dt, x.size // d, self.rt.empty(x.shape, dt)
+
+    def rms_norm(self, x, weight, eps, offset=0.0):
+        on_dev, d, dt, rows, y = self._norm_setup(x)
         if rows:
             w = self._act(weight, dt) if self._dev(weight) else self._vector(weight, dt)
             self.rt.launch("norms", f"rms_norm_{SUFFIX[dt]}", (self._grid(rows),), (_reduce_block(d),),
@@ -346,11 +348,7 @@ class CudaOps:
         return self._out(y, on_dev)
 
     def layer_norm(self, x, weight, bias, eps):
-        on_dev = self._dev(x)
-        d = x.shape[-1]
-        dt = compute_dtype(x)
-        rows = x.size // d
-        y = self.rt.empty(x.shape, dt)
+        on_dev, d, dt, rows, y = self._norm_setup(x)
         if rows:
             w = self._vector(weight, dt)
             b = self._vector(bias, dt) if bias is not None else w
