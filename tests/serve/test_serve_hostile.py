@@ -17,7 +17,8 @@ import pytest
 
 from serve_helpers import SERVED, load_bundled, serve_app
 
-LONG = 100_000            # max_tokens of a request that is still running when its client leaves
+LONG = 240                # max_tokens of a request that is still running when its client leaves
+                          # (within the bundled model's 256-token context, with a short prompt)
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +217,9 @@ def test_full_queue_is_503_with_retry_after(model):
     small = serve_app(model, max_batch=1, max_queue=1)
     try:
         decoder = small.state.engine.decoder
-        a = _start_raw(small, {"prompt": "It is", "max_tokens": 2000, "temperature": 0, "stream": True})
+        a = _start_raw(small, {"prompt": "It is", "max_tokens": LONG, "temperature": 0, "stream": True})
         wait_for(lambda: decoder.running == 1, "the first request to run")
-        b = _start_raw(small, {"prompt": "Emma", "max_tokens": 2000, "temperature": 0, "stream": True})
+        b = _start_raw(small, {"prompt": "Emma", "max_tokens": LONG, "temperature": 0, "stream": True})
         wait_for(lambda: small.state.engine.in_flight == 2, "the second request to wait")
         status, headers, body = post(small, {"prompt": "x", "max_tokens": 1})
         assert status == 503 and body["error"]["code"] == "server_overloaded"

@@ -70,7 +70,7 @@ def test_stop_string_cuts_the_text_and_finishes_with_stop(backend_server):
 def test_seeded_sampling_equals_the_request_alone(backend_server):
     live, model = backend_server
     ids = tok(model).encode(PROMPT)
-    kw = dict(model=SERVED, prompt=PROMPT, max_tokens=12, temperature=0.9, top_p=1.0, seed=1234)
+    kw = dict(model=SERVED, prompt=PROMPT, max_tokens=12, temperature=0.9, seed=1234)   # top-k/p: the model's
     a = live.client().completions.create(**kw).choices[0].text
     b = live.client().completions.create(**kw).choices[0].text
     assert a == b == alone(model, ids, 12, temperature=0.9, seed=1234)
