@@ -12,8 +12,9 @@ Chat formats (chosen once per model, as ``gptevo chat`` does):
 - ``plain``: a model with neither (the bundled Austen model is not chat-trained): the messages'
   contents, one per line, and the model continues that text.
 
-Text is produced with :class:`gptevo.generation.TextStream`, so streamed pieces never split a UTF-8
-character, never end with the start of a stop string, and concatenate to the non-streamed text. Stop
+Text is produced with :class:`WindowedTextStream`, gptevo.generation's TextStream decoding only a
+window of recent ids, so streamed pieces never split a UTF-8 character, never end with the start of a
+stop string, and concatenate to the non-streamed text. Stop
 strings apply to the reply text (in harmony: to the final channel).
 """
 from __future__ import annotations
@@ -28,11 +29,63 @@ from gptevo.strict_json import read_json_file
 HARMONY_FIELDS = {"final": "content"}         # any other channel -> "reasoning_content"
 
 
+class WindowedTextStream(TextStream):
+    """A TextStream whose push costs O(window) instead of O(length).
+
+    TextStream decodes the context and every new id on each push (quadratic in the reply). Here the
+    text of ``ids[:settled]`` is kept, and only ``ids[settled:]`` is decoded, after the ``WINDOW`` ids
+    before it (so decoders that look at the previous token, like SentencePiece's leading space, see
+    it). A piece is settled only when the decode of window + piece starts with the decode of the
+    window alone and does not end in U+FFFD (an unfinished UTF-8 character); when a decode does not
+    start with its window's text, the whole text is decoded as TextStream does. So the text is the
+    same as TextStream's for every tokenizer whose decoding is stable under appending tokens (byte-
+    level BPE, tiktoken, SentencePiece).
+    """
+
+    WINDOW = 8
+    SETTLE_EVERY = 32
+
+    def __init__(self, tokenizer, context_ids=(), stop: tuple[str, ...] = ()):
+        super().__init__(tokenizer, context_ids, stop)
+        self._settled = 0               # ids[:settled] have their text in _settled_text
+        self._settled_text = ""
+        self._head: tuple[int, str] = (-1, "")     # (start, decode of its window)
+
+    def _window(self, start: int) -> list[int]:
+        """The WINDOW ids before ``ids[start]`` (prompt context included)."""
+        before = self.ids[max(0, start - self.WINDOW):start]
+        if len(before) < self.WINDOW:
+            before = self.context[len(self.context) - (self.WINDOW - len(before)):] + before
+        return before
+
+    def _decode_after(self, start: int, end: int) -> str | None:
+        """Text of ``ids[start:end]`` decoded after its window, or None when not prefix-stable."""
+        window = self._window(start)
+        if self._head[0] != start:
+            self._head = (start, self.tokenizer.decode(window) if window else "")
+        head = self._head[1]
+        full = self.tokenizer.decode(window + self.ids[start:end])
+        return full[len(head):] if full.startswith(head) else None
+
+    def _text(self) -> str:
+        n = len(self.ids)
+        if n - self._settled >= self.SETTLE_EVERY:
+            end = n - self.WINDOW
+            piece = self._decode_after(self._settled, end)
+            if piece is not None and not piece.endswith("\ufffd"):
+                self._settled_text += piece
+                self._settled = end
+        tail = self._decode_after(self._settled, n)
+        if tail is None:
+            return super()._text()
+        return self._settled_text + tail
+
+
 class TextReply:
     """Generated ids -> ``[(field, text)]`` deltas of one text field (``text`` or ``content``)."""
 
     def __init__(self, tokenizer, prompt_ids, stop: tuple[str, ...], stop_ids, field: str):
-        self.stream = TextStream(tokenizer, prompt_ids, stop)
+        self.stream = WindowedTextStream(tokenizer, prompt_ids, stop)
         self.stop_ids = frozenset(stop_ids)
         self.field = field
         self.ended = False                 # a stop id arrived (it is never decoded)
@@ -133,7 +186,7 @@ class HarmonyReply:
                 channel = self._header_channel()
                 self.field = HARMONY_FIELDS.get(channel, "reasoning_content")
                 stop = self.stop if self.field == "content" else ()
-                self.stream = TextStream(self.tokenizer, (), stop)
+                self.stream = WindowedTextStream(self.tokenizer, (), stop)
                 self.pending_newline = self.field in self.written
                 self.in_header = False
             else:
