@@ -143,3 +143,19 @@ def test_refusals_through_the_client(backend_server):
         c.completions.create(model=SERVED, prompt="x", max_tokens=1, n=2)
     with pytest.raises(openai.BadRequestError, match="limit of 512"):
         c.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "x"}], max_tokens=10**6)
+
+
+def test_concurrent_seeded_clients_each_get_their_single_request_output(backend_server):
+    live, model = backend_server
+    asks = [("Emma", 11, 0.8, 1), ("Emma", 11, 0.8, 2), ("Mr. Knightley", 9, 1.2, 3), ("It is", 13, 0.7, 1)]
+
+    def ask(a):
+        prompt, n, t, seed = a
+        return live.client().completions.create(model=SERVED, prompt=prompt, max_tokens=n, temperature=t,
+                                                seed=seed).choices[0].text
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, asks))
+    for (prompt, n, t, seed), g in zip(asks, got):
+        assert g == alone(model, tok(model).encode(prompt), n, temperature=t, seed=seed), (prompt, seed)
+    assert got[0] != got[1]                                       # the seed matters
