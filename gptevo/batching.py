@@ -34,9 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptevo.errors import NumericalError, RequestError
-from gptevo.generation import (Sampling, TextStream, TokenSampler, check_max_new_tokens, check_prompt_ids,
-                               check_stop_token_ids, encode_prompt, fit_context, new_token_budget,
-                               tokenizer_for)
+from gptevo.generation import (Sampling, TextStream, TokenSampler, _last_only, check_max_new_tokens,
+                               check_prompt_ids, check_stop_token_ids, encode_prompt, fit_context,
+                               new_token_budget, tokenizer_for)
+from gptevo.model import Model
 
 INITIAL_ROOM = 256     # new-token slots a request's KV cache starts with; doubled when full (up to its need)
 
@@ -86,9 +87,11 @@ class BatchDecoder:
     sequences (one weight pass), each sequence with its own KV cache (module doc)."""
 
     def __init__(self, model, *, max_batch: int = 8):
-        if not all(hasattr(model, a) for a in ("config", "forward", "forward_batch", "new_cache")):
-            raise RequestError(f"BatchDecoder needs a loaded gptevo model (gptevo.load), got "
-                               f"{type(model).__name__}")
+        if not all(hasattr(model, a) for a in ("config", "forward", "new_cache")):
+            raise RequestError(f"BatchDecoder needs a loaded model (gptevo.load), got {type(model).__name__}")
+        # a gptevo Model runs one stacked step; any other object with forward(ids, cache) and
+        # new_cache(n) (a wrapper, a test double) runs its sequences one at a time
+        self._batched = isinstance(model, Model)
         if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
             raise RequestError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.model = model
@@ -213,9 +216,12 @@ class BatchDecoder:
         if req.cancelled:
             return
         model = self.model
-        req.cache = model.new_cache(min(req.need, len(req.prompt) + INITIAL_ROOM))   # grown as needed
+        if self._batched:
+            req.cache = model.new_cache(min(req.need, len(req.prompt) + INITIAL_ROOM))   # grown as needed
+        else:
+            req.cache = model.new_cache(req.need)
         try:
-            logits = model.forward(req.prompt, req.cache, logits="last")              # [1,V]
+            logits = model.forward(req.prompt, req.cache, **_last_only(model))         # [1,V]
         except NumericalError as exc:
             failed.append((req, exc))
             return
@@ -225,11 +231,14 @@ class BatchDecoder:
         live = [r for r in reqs if not r.cancelled]
         if not live:
             return
-        for req in live:
-            if req.cache.length + 1 > req.cache.max_tokens:
-                req.cache.grow(min(req.need, 2 * req.cache.max_tokens))
-        ids = np.array([r.last for r in live], dtype=np.int64)                          # [B]
-        logits = self.model._forward_rows(ids, [r.cache for r in live])              # [B,V]
+        if not self._batched:
+            logits = [np.asarray(self.model.forward([r.last], r.cache))[-1] for r in live]   # B x [V]
+        else:
+            for req in live:
+                if req.cache.length + 1 > req.cache.max_tokens:
+                    req.cache.grow(min(req.need, 2 * req.cache.max_tokens))
+            ids = np.array([r.last for r in live], dtype=np.int64)                      # [B]
+            logits = self.model._forward_rows(ids, [r.cache for r in live])          # [B,V]
         for req, row in zip(live, logits):
             self._sample(req, row, sampled, failed)
 
@@ -266,7 +275,7 @@ class BatchDecoder:
         for req in reqs:
             if req.id not in self._running:
                 continue
-            if req.cancelled or (req.cache is not None and req.cache.broken is not None):
+            if req.cancelled or getattr(req.cache, "broken", None) is not None:
                 self._running.pop(req.id)
                 req.cache = None
                 if not req.cancelled:

@@ -182,6 +182,16 @@ def test_backend_with_its_own_arrays_decodes_rows_one_at_a_time(tiny, monkeypatc
     assert not calls                                      # never the stacked step
 
 
+def test_other_model_objects_decode_one_sequence_at_a_time():
+    from _gen_fakes import FakeModel                      # forward(ids, cache) and new_cache(n) only
+
+    model = FakeModel(50, context=40, eos=(7,))
+    prompts = [[1, 2, 3], [4], [9, 9, 9, 9, 9]]
+    for kw in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 5}):
+        want = [gptevo.generate(model, p, max_new_tokens=12, **kw) for p in prompts]
+        assert gptevo.generate(model, prompts, max_new_tokens=12, **kw) == want
+
+
 # -- continuous batching: join, leave, cancel --------------------------------------------------------
 SCHEDULE = st.lists(st.tuples(st.integers(0, len(PROMPTS) - 1),      # prompt
                               st.integers(1, 8),                      # max_new_tokens
@@ -439,7 +449,7 @@ def test_decoder_and_forward_batch_reject_bad_arguments(tiny):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(RequestError, match="max_batch"):
             BatchDecoder(model, max_batch=bad)
-    with pytest.raises(RequestError, match="loaded gptevo model"):
+    with pytest.raises(RequestError, match="needs a loaded model"):
         BatchDecoder(object())
     d = BatchDecoder(model)
     d.cancel(12345)                                        # unknown ids are ignored

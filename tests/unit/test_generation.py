@@ -234,7 +234,8 @@ def test_max_new_tokens_reaching_exactly_the_context():
 
 
 # -- bad inputs (F2, F3, F4, F5) --------------------------------------------------------------------
-@pytest.mark.parametrize("prompt", [[-1], [V], [2**40], [1.0], [True], [np.float32(2)], [1, "2"], [[1]]])
+@pytest.mark.parametrize("prompt", [[-1], [V], [2**40], [1.0], [True], [np.float32(2)], [1, "2"], [[1], 2],
+                                    [[[1]]]])   # a list of id lists is a batch of prompts (test_batching.py)
 def test_invalid_prompt_ids(prompt):
     with pytest.raises(RequestError, match="prompt"):
         generate(FakeModel(V), prompt, max_new_tokens=2)
