@@ -202,6 +202,8 @@ class Server:
 
     async def _prepare(self, request: Request, endpoint: str):
         """Checks, prompt ids and admission: (parsed request, prompt ids, reply assembler, handle)."""
+        if self.engine.draining:            # arrived after SIGTERM; those that came before still run
+            raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
         self.authorize(request)
         body = await _read_json(request, self.config)
         loop = asyncio.get_running_loop()

@@ -63,7 +63,7 @@ class Engine:
         self._cv = threading.Condition()
         self._handles: dict[int, Handle] = {}
         self._stopping = False
-        self.draining = False
+        self.draining = False          # set on SIGTERM: requests that arrive from now on get a 503
         self._thread: threading.Thread | None = None
 
     # -- event-loop side ----------------------------------------------------------------------------
@@ -80,7 +80,7 @@ class Engine:
         """Admit a request or raise ApiError (503 when full or shutting down)."""
         loop = asyncio.get_running_loop()
         with self._cv:
-            if self.draining or self._stopping:
+            if self._stopping:
                 raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
             if len(self._handles) >= self.max_batch + self.max_queue:
                 raise overloaded(1, f"the server is busy: {len(self._handles)} requests in flight (at most "

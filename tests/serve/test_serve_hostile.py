@@ -261,3 +261,14 @@ def test_metrics_count_requests_by_status(live):
     for name in ("gptevo_queue_depth", "gptevo_batch_size", "gptevo_tokens_per_second",
                  "gptevo_generated_tokens_total", "gptevo_prompt_tokens_total"):
         assert re.search(rf"^# TYPE {name} (gauge|counter)$", text, re.M), name
+
+
+def test_requests_arriving_while_draining_get_503(live):
+    live.state.engine.draining = True                      # what SIGTERM sets (gptevo/serve/command.py)
+    try:
+        assert_error(post(live, {"prompt": "x", "max_tokens": 1}), 503, code="shutting_down")
+        status, _, data = request(live, "GET", "/health")
+        assert status == 503 and json.loads(data)["status"] == "draining"
+    finally:
+        live.state.engine.draining = False
+    assert_serving(live)
