@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gptevo.backends.numba import _gemv
+from gptevo.backends.numba import _gemm_small, _gemv
 from gptevo.backends.numba._common import (as_compute, chunk_rows, compute_dtype, jit, jit_uncached, pjit_uncached,
                                            prange, run_parallel)
 from gptevo.backends.numba._weights import VALUE_TABLE, SCALE_TABLE, operand, row_mxfp4
@@ -108,9 +108,11 @@ def linear(x, weight, bias=None):
     """``y = x @ weight.T + bias`` with the weight widened (or decoded) in the kernel, never in memory.
 
     One input row (decode) streams the weight through :func:`_gemv.gemv` when the weight kind has a
-    streaming kernel; float weights equal to the compute dtype with several rows go to BLAS (numpy's
-    matmul reads each weight once for all rows); int8 weights with several rows are widened in
-    bounded row chunks; everything else takes :func:`grouped_gemm`.
+    streaming kernel; 2-16 float32 rows (batched decode) with float32/bf16/f16 weights go through
+    :func:`_gemm_small.small_rows` (each weight row read once for all rows; BLAS is slow at that
+    shape); more rows with float weights equal to the compute dtype go to BLAS (numpy's matmul
+    reads each weight once for all rows); int8 weights with several rows are widened in bounded
+    row chunks (2-16 rows: one streamed pass per row); everything else takes :func:`grouped_gemm`.
     """
     dtype = compute_dtype(x)
     fast = _linear_fast(x, weight, bias, dtype)
@@ -146,6 +148,14 @@ def _linear_fast(x, weight, bias, dtype):
     if x2.shape[0] == 1:
         y = _gemv.gemv(x2[0], weight, bias, numba.get_num_threads())              # [out]
         return None if y is None else y.reshape(*lead, n_out)
+    if x2.shape[0] <= _gemm_small.MAX_ROWS:                                        # batched decode
+        y = _gemm_small.small_rows(x2, weight, bias, numba.get_num_threads())     # [M,out]
+        if y is not None:
+            return y.reshape(*lead, n_out)
+        if isinstance(weight, Int8Weight) and dtype == np.float32:                 # one streamed pass per row
+            rows = [_gemv.gemv(r, weight, bias, numba.get_num_threads()) for r in x2]
+            if all(r is not None for r in rows):
+                return np.stack(rows).reshape(*lead, n_out)                        # [...,out]
     if isinstance(weight, np.ndarray) and weight.dtype == dtype:
         y = x2 @ weight.T                                                          # [M,out] BLAS
     elif isinstance(weight, Int8Weight) and dtype == np.float32:
