@@ -381,9 +381,12 @@ class PreparedMxfp4:
         return self.shape[0]
 
     def decode(self, dtype="float32"):
-        from gptevo.ops.mxfp4 import mxfp4_decode
+        """The decoded weight (as Mxfp4Weight.decode: blocks and scales were checked when the weight
+        was made, so only ``dtype`` is checked here)."""
+        from gptevo.ops.mxfp4 import _decode_dtype, mxfp4_decode
+        from gptevo.ops.spec import unchecked
 
-        return mxfp4_decode(blocks=self.blocks, scales=self.scales, dtype=dtype)
+        return unchecked(mxfp4_decode)(blocks=self.blocks, scales=self.scales, dtype=_decode_dtype(dtype).name)
 
     def __getitem__(self, index):
         from gptevo.ops.mxfp4 import Mxfp4Weight
