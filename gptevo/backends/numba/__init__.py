@@ -33,6 +33,16 @@ from __future__ import annotations
 
 import importlib.util
 
+import os
+
+# Worker threads of numba's OpenMP layer sleep as soon as a parallel region ends instead of spinning
+# (libgomp's default spins first). Decode runs ~40 short regions per token; with another busy
+# process on the machine, spinning workers made GPT-2 decode 9x slower (2.9 vs 25.6 tok/s, same
+# minute), while sleeping costs a wake-up per region (spec/backends.md, "Threads"). Read by
+# libgomp when numba's OpenMP pool first loads, so it is set before any kernel runs; a value the
+# user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 _IMPORT_ERROR: str | None = None
 try:
     from gptevo.backends.numba._ops import OPS
