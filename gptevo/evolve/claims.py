@@ -71,7 +71,7 @@ def _numeric(value, lo, hi, tol):
 
 
 def _pct(x: float) -> str:
-    return f"{x * 100:+.1f}%"
+    return f"{x * 100:+.2f}%" if abs(x) < 0.01 else f"{x * 100:+.1f}%"
 
 
 def _ratio(a, b):
@@ -152,8 +152,12 @@ def _convergence(ctx):
     else:                                   # post-norm ahead: how early post reached pre's final loss
         t = reach(post["curve_loss"], pre["curve_loss"][-1])
         speed = t / budget if t else 0.0
-    return speed, f"{speed:.2f}x (tokens to the same held-out loss)", _numeric(speed, 2.0, 3.0, 0.0), \
-        "learning curves at 10 points, mean over seeds, first 16 held-out windows"
+    bound = "at least " if t == float(tokens[0]) else ""   # passed already at the first curve point
+    note = "learning curves at 10 points, mean over seeds, first 16 held-out windows"
+    if speed > 3.0:
+        note += f"; faster than claimed: post-norm reached only {post['curve_loss'][-1]:.2f} with the shared recipe"
+    return speed, f"{bound}{speed:.2f}x (tokens to the same held-out loss)", \
+        AGREES if speed >= 2.0 else DISAGREES, note
 
 
 def _rope_params(ctx):
@@ -224,6 +228,11 @@ def _sliding_memory(ctx):
         _numeric(r, 1.0, 1.0, 0.01), ""
 
 
+def _noted(result, note):
+    value, ours, verdict, old = result
+    return value, ours, verdict, "; ".join(n for n in (old, note) if n)
+
+
 def _fixed(ours_words, verdict=DISAGREES, value=None, note=""):
     return lambda ctx: (value, ours_words, verdict, note)
 
@@ -258,7 +267,9 @@ CLAIMS: tuple[Claim, ...] = (
           "erratum", "scale", "post-norm", _fixed("pre-norm: x + attn(ln_1(x)), then ln_f"), ("E1",)),
     Claim("dropout_speed", "no_dropout", "1. Dropout Elimination", "Dropout | Present | Removed | +15% inference speed",
           "measured", "scale", "+15% decode speed",
-          lambda ctx: _measured_ratio(ctx, "no_dropout", "gpt2", "decode_tok_s", 1.15, 1.15, "decode tok/s")),
+          lambda ctx: _noted(_measured_ratio(ctx, "no_dropout", "gpt2", "decode_tok_s", 1.15, 1.15, "decode tok/s"),
+                             "dropout is the identity at inference: both steps run the same graph, so the "
+                             "ratio is run-to-run noise")),
     Claim("dropout_memory", "no_dropout", "1. Dropout Elimination", "Memory Usage | Higher | Lower | 10-15% reduction",
           "computed", "scale", "10-15% less memory", _dropout_memory),
     Claim("dropout_quality", "no_dropout", "1. Dropout Elimination",
