@@ -4,8 +4,8 @@ Each claim quotes the seed (section heading, words) and is checked one of four w
 
 - ``computed``: from the configs (calculators), exact; agrees when within ``tol`` (relative) of the
   claimed value or range;
-- ``measured``: from this run's tok/s or memory on the chosen backend; agrees within 25 %;
-  "not measured" when the steps it compares were not measured;
+- ``measured``: the ratio of two steps' measured tok/s on the chosen backend; agrees when the gain
+  (ratio - 1) is within 25 % of the claimed gain; "not measured" when either step was not measured;
 - ``quality``: from the shipped held-out losses (small scale, tools/evolve_train.py). A difference
   between two steps is *decisive* when every seed's difference has the same sign and the mean
   difference exceeds sqrt(std_a² + std_b²) (the two steps' seed spreads); a "better" claim agrees
@@ -82,7 +82,7 @@ def _measured_ratio(ctx, a, b, key, lo, hi, what):
     r = _ratio(ctx.m(a, key), ctx.m(b, key))
     if r is None:
         return None, "not measured", NOT_MEASURED, f"needs {key} of steps {b} and {a}"
-    return r, f"{r:.2f}x {what} ({a} vs {b})", _numeric(r, lo, hi, MEASURED_TOL), ""
+    return r, f"{r:.2f}x {what} ({a} vs {b})", _numeric(r - 1, lo - 1, hi - 1, MEASURED_TOL), ""
 
 
 def decisive(qa: dict, qb: dict) -> tuple[float, bool]:

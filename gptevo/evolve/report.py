@@ -37,7 +37,7 @@ from gptevo.evolve.metrics import step_metrics
 from gptevo.evolve.quality import load_quality, step_quality
 
 SCHEMA = "gptevo.evolve/1"
-DEFAULT_DECODE_TOKENS = 16
+DEFAULT_DECODE_TOKENS = 64
 MEASURED_KEYS = ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "model_peak_bytes", "build_s", "warmup_s")
 
 

@@ -228,6 +228,19 @@ def test_decisive_difference_rule():
     assert diff == pytest.approx(-0.05) and not sure
 
 
+@pytest.mark.parametrize("gpt2, no_dropout, verdict", [
+    (100.0, 115.0, "agrees"),          # +15%: the claimed gain
+    (100.0, 112.0, "agrees"),          # gain 0.12 is within 25% of 0.15
+    (100.0, 110.0, "disagrees"),       # gain 0.10 is not
+    (100.0, 99.0, "disagrees"),
+    (100.0, None, "not measured"),
+])
+def test_measured_claims_compare_the_gain(gpt2, no_dropout, verdict):
+    rows = {"gpt2": {"measured": {"decode_tok_s": gpt2}}, "no_dropout": {"measured": {"decode_tok_s": no_dropout}}}
+    claim = next(c for c in claims.CLAIMS if c.id == "dropout_speed")
+    assert claim.check(claims.Context(rows, {}, None, 16))[2] == verdict
+
+
 def test_computed_claims_on_facts(measured):
     by = {c["id"]: c for c in measured["claims"]}
     # gpt-oss-20b: 64 query heads, 8 KV heads -> 8x, not the seed's 6x (erratum E7)
