@@ -66,45 +66,19 @@ int8_to_float = _to_float32(
 def gemv_float(w, x, bias, out, chunk, zero):
     """w [N,K] float32/float64 (same dtype as x, and as ``zero``); x [K]; bias [N] or [0]; out [N].
 
-    Four rows per pass over x (four independent vector sums): x is loaded once for four rows, which
-    measured 10-25 % faster than one row at a time on cache-resident and streamed weights alike.
+    One row per pass over x: on the 2-core AMD EPYC (Zen 4) machine this streamed 50257 x 768
+    float32 at 30.5 GB/s on one thread against 15.5 for four rows per pass (x loaded once for four
+    rows, which had measured 10-25 % faster on the earlier Intel machine); spec/backends.md.
     """
     n_rows, k = w.shape
     has_bias = bias.shape[0] == n_rows
     for c in prange((n_rows + chunk - 1) // chunk):
-        lo, hi = c * chunk, min(n_rows, (c + 1) * chunk)
-        n = lo
-        while n + 4 <= hi:
-            w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
-            a0 = a1 = a2 = a3 = zero
-            for j in range(k):
-                xj = x[j]
-                a0 += w0[j] * xj
-                a1 += w1[j] * xj
-                a2 += w2[j] * xj
-                a3 += w3[j] * xj
-            _store4(out, bias, has_bias, n, a0, a1, a2, a3)
-            n += 4
-        for r in range(n, hi):
+        for r in range(c * chunk, min(n_rows, (c + 1) * chunk)):
             row = w[r]
             acc = zero
             for j in range(k):
                 acc += row[j] * x[j]
             out[r] = acc + bias[r] if has_bias else acc
-
-
-@fast_jit
-def _store4(out, bias, has_bias, n, a0, a1, a2, a3):
-    """out[n:n+4] = (a0, a1, a2, a3) (+ bias[n:n+4])."""
-    if has_bias:
-        a0 += bias[n]
-        a1 += bias[n + 1]
-        a2 += bias[n + 2]
-        a3 += bias[n + 3]
-    out[n] = a0
-    out[n + 1] = a1
-    out[n + 2] = a2
-    out[n + 3] = a3
 
 
 @fast_jit
@@ -117,25 +91,13 @@ def half_to_float(bits, is_bf16):
 @fast_pjit
 def gemv_half(w, x, bias, out, chunk, is_bf16):
     """w [N,K] uint16 bits of bfloat16 (``is_bf16``) or binary16; x [K] float32; bias [N] or [0];
-    out [N]. Four rows per pass over x, as :func:`gemv_float`."""
+    out [N]. One row per pass, as :func:`gemv_float` (bf16 50257 x 768, one thread: 25.8 GB/s vs
+    10.7 for four rows per pass)."""
     n_rows, k = w.shape
     has_bias = bias.shape[0] == n_rows
     zero = np.float32(0)
     for c in prange((n_rows + chunk - 1) // chunk):
-        lo, hi = c * chunk, min(n_rows, (c + 1) * chunk)
-        n = lo
-        while n + 4 <= hi:
-            w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
-            a0 = a1 = a2 = a3 = zero
-            for j in range(k):
-                xj = x[j]
-                a0 += half_to_float(w0[j], is_bf16) * xj
-                a1 += half_to_float(w1[j], is_bf16) * xj
-                a2 += half_to_float(w2[j], is_bf16) * xj
-                a3 += half_to_float(w3[j], is_bf16) * xj
-            _store4(out, bias, has_bias, n, a0, a1, a2, a3)
-            n += 4
-        for r in range(n, hi):
+        for r in range(c * chunk, min(n_rows, (c + 1) * chunk)):
             row = w[r]
             acc = zero
             for j in range(k):
