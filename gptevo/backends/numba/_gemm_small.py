@@ -5,7 +5,9 @@ shape here: OpenBLAS's ``x @ W.T`` for 2-16 rows of GPT-2's 3072 x 768 matrix to
 one row, so the weight was effectively read once per row or worse. This kernel reads each weight
 row once per call: a ``prange`` over chunks of output rows, four weight rows at a time, each
 multiplied by two input rows per pass over K (eight vector sums in registers; a leftover input row
-takes a four-sum pass). Weights are float32 (with float32 x), or bfloat16 / float16 bits widened
+takes a four-sum pass); up to four rows, :func:`few_gemm` takes one weight row per pass times four
+input rows instead (2 threads, 50257 x 768 float32: 2 rows 4.4 vs 6.9 ms, 4 rows 4.7 vs 7.8 ms;
+8 rows 11.2 vs 9.4 ms, hence the split). Weights are float32 (with float32 x), or bfloat16 / float16 bits widened
 exactly in registers as in :mod:`_gemv`; fast-math reassociation as the decode GEMV (spec/backends.md,
 "Numerical policy"): every product is of the exactly widened operands, only summation order differs.
 """
@@ -18,6 +20,7 @@ from numba.extending import overload
 from gptevo.backends.numba._gemv import fast_jit, fast_pjit, half_to_float
 
 MAX_ROWS = 16          # more input rows go to BLAS (or widened tiles and BLAS)
+FEW_ROWS = 4           # up to this many rows: few_gemm (one weight row per pass), else small_gemm
 
 
 def widen(v, is_bf16):
@@ -91,6 +94,39 @@ def small_gemm(w, x, bias, out, chunk, is_bf16):
                 _store(out, bias, has_bias, m, r, a)
 
 
+@fast_pjit
+def few_gemm(w, x, bias, out, chunk, is_bf16):
+    """As :func:`small_gemm` for M <= 4: one weight row per pass, multiplied by four input rows at
+    a time (the row read from memory once, x from L1), leftover input rows one by one."""
+    n_rows, k = w.shape
+    m_rows = x.shape[0]
+    has_bias = bias.shape[0] == n_rows
+    zero = np.float32(0)
+    for c in prange((n_rows + chunk - 1) // chunk):
+        for n in range(c * chunk, min(n_rows, (c + 1) * chunk)):
+            row = w[n]
+            m = 0
+            while m + 4 <= m_rows:
+                x0, x1, x2, x3 = x[m], x[m + 1], x[m + 2], x[m + 3]
+                a0 = a1 = a2 = a3 = zero
+                for j in range(k):
+                    v = widen(row[j], is_bf16)
+                    a0 += v * x0[j]
+                    a1 += v * x1[j]
+                    a2 += v * x2[j]
+                    a3 += v * x3[j]
+                for i, a in enumerate((a0, a1, a2, a3)):
+                    _store(out, bias, has_bias, m + i, n, a)
+                m += 4
+            while m < m_rows:
+                xa = x[m]
+                a = zero
+                for j in range(k):
+                    a += widen(row[j], is_bf16) * xa[j]
+                _store(out, bias, has_bias, m, n, a)
+                m += 1
+
+
 def small_rows(x2, weight, bias, threads: int):
     """``x2 @ weight.T (+ bias)`` for 2 <= M <= MAX_ROWS float32 rows ``x2`` [M,K] (C-contiguous),
     or None when the weight is not a C-contiguous float32 / bfloat16 / float16 matrix."""
@@ -108,5 +144,6 @@ def small_rows(x2, weight, bias, threads: int):
     n = w.shape[0]
     out = np.empty((x2.shape[0], n), np.float32)                                 # [M,N]
     b = np.zeros(0, np.float32) if bias is None else bias
-    small_gemm(w, x2, b, out, max(16, -(-n // (8 * max(1, threads)))), is_bf16)
+    kernel = few_gemm if x2.shape[0] <= FEW_ROWS else small_gemm
+    kernel(w, x2, b, out, max(16, -(-n // (8 * max(1, threads)))), is_bf16)
     return out
