@@ -433,7 +433,7 @@ def _gpt_oss(r: _Reader) -> ModelConfig:
     extra = {"quantization": q.get("quant_method")} if isinstance(q, dict) else {}
     return _build(r, "gpt_oss", dict(
         f, **_biases(r, default=True), sliding_window=window, layer_types=types, attention_sinks=True,
-        mlp="moe", num_experts=E, experts_per_token=k, moe_intermediate_size=f["intermediate_size"],
+        mlp="moe", mlp_bias=True, num_experts=E, experts_per_token=k, moe_intermediate_size=f["intermediate_size"],
         router_order="topk_softmax", expert_activation="clamped_swiglu",
         swiglu_alpha=r.float("swiglu_alpha", 1.702), swiglu_limit=r.float("swiglu_limit", 7.0),
         extra=extra))
@@ -463,7 +463,7 @@ def _gpt_oss_original(r: _Reader) -> ModelConfig:
         qkv_bias=True, o_bias=True, attention_sinks=True,
         sliding_window=r.int("sliding_window", default=128, hi=C.MAX_POSITIONS),
         layer_types=tuple("sliding" if i % 2 == 0 else "full" for i in range(L)),
-        mlp="moe", num_experts=E, experts_per_token=r.int("experts_per_token", hi=E),
+        mlp="moe", mlp_bias=True, num_experts=E, experts_per_token=r.int("experts_per_token", hi=E),
         moe_intermediate_size=I, router_order="topk_softmax", expert_activation="clamped_swiglu",
         swiglu_limit=r.float("swiglu_limit", 7.0), tie_word_embeddings=False, torch_dtype="bfloat16",
         checkpoint_layout="gptoss_original", tokens=_tokens(V, GPTOSS_BOS, list(GPTOSS_EOS), GPTOSS_PAD)))

@@ -99,11 +99,11 @@ def test_20b_scale_ends_at_the_real_gpt_oss_20b(tmp_path):
                          "rope_type": "yarn", "truncate": False}})
     last = ladder("20b")[-3]                    # the main line's last step (two side branches follow)
     assert last.id == "mxfp4"
-    # mlp_bias: gpt-oss has a bias on the router and on every expert (facts: gpt-oss 2.4, 2.5) and the
-    # calculators count them through mlp_bias; the HF adapter leaves mlp_bias False (its layout loads
-    # the biases regardless), so that one field is compared with the facts instead.
-    assert _same_architecture(last.config, real) == ["mlp_bias"]
+    # mlp_bias: gpt-oss has a bias on the router and on every expert (facts: gpt-oss 2.4, 2.5); the
+    # calculators count them through mlp_bias, which the gpt-oss adapters set.
+    assert _same_architecture(last.config, real) == []
     assert last.config.mlp_bias is True
+    assert parameter_count(real)["total"] == 20_914_757_184
     assert dict(last.config.extra)["quantization"] == dict(real.extra)["quantization"] == "mxfp4"
     assert parameter_count(last.config)["total"] == 20_914_757_184
     assert active_parameters(last.config) == 3_608_307_264
