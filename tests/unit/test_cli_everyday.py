@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 BUNDLED = Path(gptevo.__file__).parent / "data" / "austen"
 PROMPT = "It is a truth universally acknowledged"
 STATS = re.compile(r"^stats: load (\d+\.\d+) s \| prompt (\d+) tokens, \d+\.\d+ s, \d+\.\d tok/s \| "
-                   r"generated (\d+) tokens, \d+\.\d+ s, \d+\.\d tok/s \| backend (\w+) \| peak RSS \d+\.\d+ MiB$")
+                   r"generated (\d+) tokens, \d+\.\d+ s, \d+\.\d tok/s \| backend (\w+) \| "
+                   r"peak RSS \d+(?:\.\d+)? (?:B|KiB|MiB|GiB|TiB)$")     # human_bytes: the unit grows with the size
 
 
 def gptevo_cli(*argv, stdin: str = "", timeout: float = 120):
