@@ -49,8 +49,8 @@ from numba import prange
 from gptevo.backends.numba import _simd
 from gptevo.backends.numba._simd import (
     bits_to_f32, dpbusd_x86, f32x16_bcast, f32x16_zero, hsum, i32_to_f32, i32x16_zero, iand, isll, isrl,
-    isub, load_f32x16, load_i32x16, load_u32, load_u8x4_bcast, load_u8x16_zext, permps, pmaddubs_madd, pshufb, vadd,
-    vfma, vmul,
+    isub, load_f32x16, load_i32x16, load_u32, load_u8x4_bcast, load_u8x16_zext, permps, pmaddubs_madd, prefetch,
+    pshufb, vadd, vfma, vmul,
 )
 from gptevo.errors import RequestError
 from gptevo.ops.mxfp4 import FP4_VALUES, SCALE_BIAS, SCALE_NAN
@@ -75,6 +75,7 @@ POWERS_F32[SCALE_NAN] = np.nan
 # the shuffle that puts scale byte L of a broadcast dword into the low byte of dwords 4L..4L+3
 # (0x80 zeroes a byte), and the nibble mask.
 INT8_OFFSET = 12
+PREFETCH_BYTES = 2048      # int8 kernel: software prefetch distance in weight bytes (measured, see spec)
 _LUT = np.tile((2 * FP4_VALUES + INT8_OFFSET).astype(np.uint8), 4)          # [64]
 _SMASK = np.full(64, 0x80, np.uint8)                                         # [64]
 for _lane in range(4):
@@ -120,6 +121,8 @@ def _row_exact_avx512(blocks, boff, scales, soff, xe, xoff, xo, n_blocks, table,
     acc1 = f32x16_zero()
     t = load_f32x16(table, 0)
     for g in range(n_blocks):
+        if g % 4 == 0:
+            prefetch(blocks, boff + 16 * g + PREFETCH_BYTES)     # a few rows ahead
         ts = vmul(t, f32x16_bcast(powers[scales[soff + g]]))     # the block's 16 decoded values
         idx = load_u8x16_zext(blocks, boff + 16 * g)              # 16 bytes -> 16 dwords
         acc0 = vfma(permps(ts, idx), load_f32x16(xe, xoff + 16 * g), acc0)            # elements 2j
@@ -306,6 +309,7 @@ def _row_int8(blocks, boff, scales, soff, xqe, xqo, xsl, corr, m, n_blocks, cons
     lbase = m * 16 * n_groups
     for q in range(n_groups):
         b0 = 4 * q if q < n_groups - 1 else n_blocks - 4
+        prefetch(blocks, boff + 16 * b0 + PREFETCH_BYTES)        # a few rows ahead
         w = load_i32x16(blocks, boff + 16 * b0)                  # 64 bytes: 4 blocks
         lo = pshufb(lut, iand(w, mask4))                         # elements 2j as 2*e2m1 + 12
         hi = pshufb(lut, iand(isrl(w, 4), mask4))                # elements 2j+1

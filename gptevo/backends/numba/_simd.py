@@ -435,3 +435,20 @@ def pmaddubs_madd(typingctx, acc, a, b):
         return builder.add(args[0], d)
     return sig, codegen
 
+
+
+@intrinsic
+def prefetch(typingctx, arr, byte_offset):
+    """Hint the cache line at ``byte_offset`` of a contiguous array into the caches (llvm.prefetch,
+    read, high locality); an address past the end is harmless (prefetches do not fault)."""
+    sig = types.void(arr, byte_offset)
+
+    def codegen(context, builder, sig, args):
+        idx = _index(context, builder, sig.args[1], args[1])
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        data = builder.bitcast(a.data, _I8.as_pointer())
+        p = builder.gep(data, [idx], source_etype=_I8)
+        fn = _intrinsic_fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
