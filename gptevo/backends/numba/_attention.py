@@ -1,10 +1,9 @@
 """softmax, attention and RoPE on numba (spec: spec/ops/attention.md, spec/ops/rope.md).
 
-attention runs one (query position, head) pair per parallel item: scores over the S keys of its
-KV head (GQA: head h reads KV head h // (H/G)), the ALiBi bias, the causal / sliding-window mask
-from positions, a softmax with the optional sink logit, then the weighted sum of values. Nothing of
-size [H,T,S] is materialised. Sums are float64; outputs are rounded once to the compute dtype.
-k and v stored as f16/bf16 (a KV cache) are widened to the compute dtype in the wrapper. The
+attention runs key tiles with an online softmax (``_attention_flash``: one parallel item per KV
+head and block of queries; ``_attention_tiles``: the float32 prefill path in SIMD tiles). Nothing
+of size [H,T,S] is materialised. k and v stored as f16/bf16 (a KV cache) are widened to the
+compute dtype in the wrapper. The
 wrappers receive arguments checked and defaulted by the registry (gptevo/ops/, spec/backends.md).
 """
 from __future__ import annotations
@@ -15,7 +14,7 @@ import numba
 import numpy as np
 
 from gptevo.backends.numba._common import as_compute, compute_dtype, jit, prange
-from gptevo.backends.numba._attention_blocked import MIN_QUERIES, attention_blocked
+from gptevo.backends.numba._attention_flash import attention_flash
 
 
 @jit
@@ -76,58 +75,6 @@ def softmax(x, sinks=None):
     return out.reshape(arr.shape)
 
 
-def _attention_items(q, k, v, qpos, kpos, window, sinks, has_sink, slopes, has_alibi, scale, out, zero):
-    """q [T,H,Dh], k [S,G,Dh], v [S,G,Dv] (compute dtype, as ``zero``); out [T,H,Dv]. window <= 0: none.
-
-    One (query, head) item per loop iteration; q.k is summed in the compute dtype (vectorized),
-    the scaled scores, probabilities and the value sum are float64.
-    Compiled twice (below): parallel over items for large work, serial for decode-sized work where
-    starting a parallel region costs more than the attention itself.
-    """
-    n_q, n_heads, head_dim = q.shape
-    n_k, n_kv = k.shape[0], k.shape[1]
-    dv = v.shape[2]
-    group = n_heads // n_kv
-    for item in prange(n_q * n_heads):
-        t = item // n_heads
-        h = item % n_heads
-        g = h // group
-        qt = qpos[t]
-        qrow = q[t, h]                                            # [Dh]
-        scores = np.empty(n_k)                                    # [S] float64
-        probs = np.empty(n_k)                                     # [S] float64
-        for s in range(n_k):
-            ks = kpos[s]
-            if ks >= 0 and ks <= qt and (window <= 0 or ks > qt - window):
-                krow = k[s, g]                                    # [Dh]
-                acc = zero
-                for d in range(head_dim):
-                    acc += qrow[d] * krow[d]
-                score = float(acc) * scale
-                if has_alibi:
-                    score -= slopes[h] * float(qt - ks)
-                scores[s] = score
-            else:
-                scores[s] = -np.inf
-        _softmax_row(scores, has_sink, sinks[h] if has_sink else 0.0, probs)
-        acc_v = np.zeros(dv)                                      # [Dv] float64
-        for s in range(n_k):
-            p = probs[s]
-            if p != 0.0:
-                vrow = v[s, g]                                    # [Dv]
-                for d in range(dv):
-                    acc_v[d] += p * vrow[d]
-        for d in range(dv):
-            out[t, h, d] = acc_v[d]
-
-
-# Reassociation lets the dot products and the value sum vectorize (spec/backends.md, numerical policy).
-_FAST = {"reassoc", "contract", "nsz", "arcp"}
-_attention_parallel = numba.njit(_attention_items, cache=True, fastmath=_FAST, error_model="numpy", parallel=True)
-_attention_serial = numba.njit(_attention_items, cache=True, fastmath=_FAST, error_model="numpy")
-SERIAL_WORK = 1 << 21      # multiply-adds below which the serial kernel is faster (measured, decode shapes)
-
-
 def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=None, scale=None,
               alibi_slopes=None):
     """Softmax attention with GQA, causal/sliding-window masks from positions, sinks and ALiBi.
@@ -147,19 +94,10 @@ def attention(q, k, v, q_positions=None, k_positions=None, window=None, sinks=No
         per_head["sinks"] = per_head["sinks"].astype(dtype).astype(np.float64)
     if alibi_slopes is not None:
         per_head["alibi_slopes"] = per_head["alibi_slopes"].astype(dtype).astype(np.float64)
-    if n_q >= MIN_QUERIES:      # prefill: blocked, both products in BLAS (see _attention_blocked)
-        attention_blocked(as_compute(q, dtype, "attention: q"), as_compute(k, dtype, "attention: k"),
-                          as_compute(v, dtype, "attention: v"), qpos.astype(np.int64), kpos.astype(np.int64),
-                          0 if window is None else window, per_head["sinks"] if sinks is not None else None,
-                          per_head["alibi_slopes"] if alibi_slopes is not None else None,
-                          float(dtype.type(scale)), out)
-        return out
-    work = n_q * n_heads * n_k * (head_dim + v.shape[2])
-    kernel = _attention_serial if work < SERIAL_WORK else _attention_parallel
-    kernel(as_compute(q, dtype, "attention: q"), as_compute(k, dtype, "attention: k"),
-           as_compute(v, dtype, "attention: v"), qpos.astype(np.int64), kpos.astype(np.int64),
-           0 if window is None else window, per_head["sinks"], sinks is not None,
-           per_head["alibi_slopes"], alibi_slopes is not None, float(dtype.type(scale)), out, dtype.type(0))
+    attention_flash(as_compute(q, dtype, "attention: q"), as_compute(k, dtype, "attention: k"),
+                    as_compute(v, dtype, "attention: v"), qpos.astype(np.int64), kpos.astype(np.int64),
+                    0 if window is None else window, per_head["sinks"] if sinks is not None else None,
+                    per_head["alibi_slopes"] if alibi_slopes is not None else None, float(dtype.type(scale)), out)
     return out
 
 
