@@ -110,6 +110,18 @@ def test_linear(backend, seed, t, n_in, n_out, dtype, wtag, with_bias):
     check(backend, "linear", x=x, weight=w, bias=b)
 
 
+@given(seed=seeds, t=st.integers(17, 160), n_in=st.integers(1, 40), n_out=st.integers(1, 1100), dtype=act_dtypes,
+       wtag=weight_tags, with_bias=st.booleans())
+def test_linear_many_rows(backend, seed, t, n_in, n_out, dtype, wtag, with_bias):
+    """Prefill-sized row counts: the backends' GEMM paths (numba: BLAS split by rows or columns over
+    its threads, 16-bit weights widened in 512-row tiles, so n_out > 512 spans several tiles)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, n_in)).astype(dtype)
+    w = rng.standard_normal((n_out, n_in)).astype(WEIGHT_DTYPES[wtag])
+    b = (0.1 * rng.standard_normal(n_out)).astype(WEIGHT_DTYPES[wtag]) if with_bias else None
+    check(backend, "linear", x=x, weight=w, bias=b)
+
+
 @given(seed=seeds, t=st.integers(1, 4), groups=st.integers(1, 3), n_out=st.integers(1, 24), dtype=act_dtypes,
        with_bias=st.booleans())
 def test_linear_mxfp4(backend, seed, t, groups, n_out, dtype, with_bias):

@@ -1,8 +1,8 @@
 """Norms and activations on numba (spec: spec/ops/norms.md, spec/ops/activations.md).
 
 Row kernels loop over the rows of x viewed as [N, D]; elementwise kernels over the flattened
-array. They are serial: at model sizes they are a small fraction of a step and a parallel region
-would cost more than it saves at decode (T = 1). Arguments arrive checked by the registry.
+array. They are serial at decode sizes (a parallel region would cost more than it saves at T = 1);
+elementwise activations over at least ``PARALLEL_VALUES`` values (prefill) run in parallel chunks. Arguments arrive checked by the registry.
 Intermediates (row sums, sigmoids, erf) are float64 and each output is rounded once to the compute
 dtype when stored, so a float32 result is at least as accurate as the reference's. Norm weights
 and biases are [D] vectors, widened once in the wrapper (a negligible read next to x).
@@ -13,8 +13,11 @@ import math
 
 import numpy as np
 
-from gptevo.backends.numba._common import as_compute, compute_dtype, jit, small_vector
+from gptevo.backends.numba._common import as_compute, compute_dtype, jit, pjit, prange, small_vector
 from gptevo.backends.numba._vmath import sigmoid64, tanh64
+
+
+PARALLEL_VALUES = 1 << 16     # values below which one thread is faster than a parallel region
 
 
 # ------------------------------------------------------------------------------------------
@@ -66,6 +69,23 @@ def _layer_norm_rows(x, w, b, has_bias, eps, out):
             out[i, j] = y + b[j] if has_bias else y
 
 
+NORM_ROWS_PER_ITEM = 16      # rows per parallel item of the norms (prefill)
+
+
+@pjit
+def _rms_norm_par(x, w, eps, offset, out):
+    for c in prange((x.shape[0] + NORM_ROWS_PER_ITEM - 1) // NORM_ROWS_PER_ITEM):
+        a, b = c * NORM_ROWS_PER_ITEM, min(x.shape[0], (c + 1) * NORM_ROWS_PER_ITEM)
+        _rms_norm_rows(x[a:b], w, eps, offset, out[a:b])
+
+
+@pjit
+def _layer_norm_par(x, w, b, has_bias, eps, out):
+    for c in prange((x.shape[0] + NORM_ROWS_PER_ITEM - 1) // NORM_ROWS_PER_ITEM):
+        a, e = c * NORM_ROWS_PER_ITEM, min(x.shape[0], (c + 1) * NORM_ROWS_PER_ITEM)
+        _layer_norm_rows(x[a:e], w, b, has_bias, eps, out[a:e])
+
+
 def _norm_input(x):
     """(x as rows [N, D] of its compute dtype, that dtype, x's shape)."""
     dtype = compute_dtype(x)
@@ -77,7 +97,7 @@ def rms_norm(x, weight, eps, offset=0.0):
     x2, dtype, shape = _norm_input(x)
     w = small_vector(weight, np.float64)
     out = np.empty(x2.shape, dtype)
-    _rms_norm_rows(x2, w, eps, offset, out)
+    (_rms_norm_par if x2.size >= PARALLEL_VALUES else _rms_norm_rows)(x2, w, eps, offset, out)
     return out.reshape(shape)
 
 
@@ -87,7 +107,7 @@ def layer_norm(x, weight, bias, eps):
     w = small_vector(weight, np.float64)
     b = np.zeros(1) if bias is None else small_vector(bias, np.float64)
     out = np.empty(x2.shape, dtype)
-    _layer_norm_rows(x2, w, b, bias is not None, eps, out)
+    (_layer_norm_par if x2.size >= PARALLEL_VALUES else _layer_norm_rows)(x2, w, b, bias is not None, eps, out)
     return out.reshape(shape)
 
 
@@ -144,12 +164,33 @@ def _clamped_swiglu_rows(h, alpha, limit, out):
             out[n, i] = clamped_swiglu1(float(h[n, 2 * i]), float(h[n, 2 * i + 1]), alpha, limit)
 
 
+CHUNK = 1 << 14               # values per parallel item
+
+
+@pjit
+def _silu_par(x, out):
+    for c in prange((x.shape[0] + CHUNK - 1) // CHUNK):
+        _silu_flat(x[c * CHUNK:(c + 1) * CHUNK], out[c * CHUNK:(c + 1) * CHUNK])
+
+
+@pjit
+def _gelu_par(x, tanh_form, out):
+    for c in prange((x.shape[0] + CHUNK - 1) // CHUNK):
+        _gelu_flat(x[c * CHUNK:(c + 1) * CHUNK], tanh_form, out[c * CHUNK:(c + 1) * CHUNK])
+
+
+@pjit
+def _swiglu_par(gate, up, out):
+    for c in prange((gate.shape[0] + CHUNK - 1) // CHUNK):
+        _swiglu_flat(gate[c * CHUNK:(c + 1) * CHUNK], up[c * CHUNK:(c + 1) * CHUNK], out[c * CHUNK:(c + 1) * CHUNK])
+
+
 def silu(x):
     """``x * sigmoid(x)``, elementwise, in x's compute dtype."""
     dtype = compute_dtype(x)
     flat = as_compute(x, dtype, "silu: x").reshape(-1)
     out = np.empty(flat.shape, dtype)
-    _silu_flat(flat, out)
+    (_silu_par if flat.size >= PARALLEL_VALUES else _silu_flat)(flat, out)
     return out.reshape(x.shape)
 
 
@@ -158,7 +199,7 @@ def gelu(x, approximate="none"):
     dtype = compute_dtype(x)
     flat = as_compute(x, dtype, "gelu: x").reshape(-1)
     out = np.empty(flat.shape, dtype)
-    _gelu_flat(flat, approximate == "tanh", out)
+    (_gelu_par if flat.size >= PARALLEL_VALUES else _gelu_flat)(flat, approximate == "tanh", out)
     return out.reshape(x.shape)
 
 
@@ -166,7 +207,7 @@ def swiglu(gate, up):
     """``silu(gate) * up``, elementwise (float64 if either input is float64)."""
     dtype = compute_dtype(gate, up)
     out = np.empty(gate.size, dtype)
-    _swiglu_flat(as_compute(gate, dtype, "swiglu: gate").reshape(-1), as_compute(up, dtype, "swiglu: up").reshape(-1),
+    (_swiglu_par if gate.size >= PARALLEL_VALUES else _swiglu_flat)(as_compute(gate, dtype, "swiglu: gate").reshape(-1), as_compute(up, dtype, "swiglu: up").reshape(-1),
                  out)
     return out.reshape(gate.shape)
 

@@ -125,20 +125,6 @@ def gemv_int8(q, scales, x, bias, out, chunk):
             out[n] = acc + bias[n] if has_bias else acc
 
 
-@fast_jit
-def widen_rows(w, r0, out, is_bf16):
-    """out[i] = float32 of 16-bit float row r0 + i of w [N,K] uint16 (exact), for i < out.shape[0].
-
-    Serial on purpose: it runs between multi-threaded BLAS calls whose worker threads still spin,
-    and a parallel region competing with them for the cores is many times slower (see
-    _attention_blocked)."""
-    for i in range(out.shape[0]):
-        row = w[r0 + i]
-        dst = out[i]
-        for j in range(row.shape[0]):
-            dst[j] = half_to_float(row[j], is_bf16)
-
-
 @fast_pjit
 def gemv_int8_avx512(q, scales, x, bias, out, chunk):
     """``gemv_int8`` with explicit AVX-512 vectors: per 32-value block, two 16-lane loads of int8

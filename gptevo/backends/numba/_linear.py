@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gptevo.backends.numba import _gemm_small, _gemv
+from gptevo.backends.numba import _blas, _gemm_small, _gemv
 from gptevo.backends.numba._common import (as_compute, chunk_rows, compute_dtype, jit, jit_uncached, pjit_uncached,
                                            prange, run_parallel)
 from gptevo.backends.numba._weights import VALUE_TABLE, SCALE_TABLE, operand, row_mxfp4
@@ -129,9 +129,6 @@ def linear(x, weight, bias=None):
     return out.reshape(*x.shape[:-1], n_out)                                 # [...,out]
 
 
-WIDEN_ROWS = 512       # weight rows widened to float32 at a time for several input rows (a few MB)
-
-
 def _linear_fast(x, weight, bias, dtype):
     """The decode / BLAS / int8 paths of :func:`linear`, or None to take the general path."""
     shape = weight.shape
@@ -156,26 +153,21 @@ def _linear_fast(x, weight, bias, dtype):
             rows = [_gemv.gemv(r, weight, bias, numba.get_num_threads()) for r in x2]
             if all(r is not None for r in rows):
                 return np.stack(rows).reshape(*lead, n_out)                        # [...,out]
+    threads = numba.get_num_threads()
     if isinstance(weight, np.ndarray) and weight.dtype == dtype:
-        y = x2 @ weight.T                                                          # [M,out] BLAS
+        y = _blas.matmul_nt(x2, weight, threads, bias)                             # [M,out] BLAS
     elif isinstance(weight, Int8Weight) and dtype == np.float32:
-        y = np.empty((x2.shape[0], n_out), dtype)                                  # [M,out]
-        for r0 in range(0, n_out, WIDEN_ROWS):
-            part = Int8Weight(weight.values[r0:r0 + WIDEN_ROWS], weight.scales[r0:r0 + WIDEN_ROWS], weight.name)
-            y[:, r0:r0 + WIDEN_ROWS] = x2 @ part.decode(dtype).T                   # [M,chunk]
+        def fill(r0, tile):
+            part = Int8Weight(weight.values[r0:r0 + len(tile)], weight.scales[r0:r0 + len(tile)], weight.name)
+            tile[:] = part.decode(dtype)                                           # [rows,in]
+        y = _blas.tiled_matmul_nt(x2, n_out, fill, threads, bias)                  # [M,out]
     elif isinstance(weight, np.ndarray) and dtype == np.float32 and weight.flags.c_contiguous and (
             weight.dtype.name == "bfloat16" or weight.dtype == np.float16):
-        bits = weight.view(np.uint16)                                              # [out,in]
-        y = np.empty((x2.shape[0], n_out), dtype)                                  # [M,out]
-        buf = np.empty((min(WIDEN_ROWS, n_out), shape[1]), dtype)                  # [chunk,in]
-        for r0 in range(0, n_out, WIDEN_ROWS):
-            tile = buf[:min(WIDEN_ROWS, n_out - r0)]                               # [rows,in]
-            _gemv.widen_rows(bits, r0, tile, weight.dtype.name == "bfloat16")
-            y[:, r0:r0 + tile.shape[0]] = x2 @ tile.T                              # [M,rows] BLAS
+        bits, is_bf16 = weight.view(np.uint16), weight.dtype.name == "bfloat16"    # [out,in]
+        y = _blas.tiled_matmul_nt(x2, n_out, lambda r0, tile: _blas.widen_rows(bits, r0, tile, is_bf16),
+                                  threads, bias)                                   # [M,out]
     else:
         return None
-    if bias is not None:
-        y += bias
     return y.reshape(*lead, n_out)
 
 
