@@ -58,3 +58,27 @@ def test_scale_extremes_keep_the_reference_infinities_and_nans():
     got = backends.get("numba").moe_experts(**kw)
     want = reference_moe(**kw)
     assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(want).any()
+
+
+@pytest.mark.parametrize("g", [1, 3, 4, 5, 13])
+@pytest.mark.parametrize("n_out", [8, 37])
+def test_both_expert_kernels_equal_the_decoded_product(g, n_out):
+    """The AVX-512 register tiles (``_moe_tiles``) and the portable kernel each equal x @ decode(W).T
+    (both run here when the host has AVX-512, so the portable one stays tested on such hosts)."""
+    from gptevo.backends.numba import _moe_grouped, _moe_tiles, _simd
+    from gptevo.ops.mxfp4 import FP4_VALUES, mxfp4_decode
+    rng = np.random.default_rng(g * 100 + n_out)
+    k = 96
+    w = _mxfp4(rng, 3, n_out, k)
+    x = rng.standard_normal((g, k)).astype(np.float32)
+    values, powers = FP4_VALUES.astype(np.float32), _moe_grouped._powers()
+    want = x.astype(np.float64) @ mxfp4_decode(w.blocks[1], w.scales[1]).astype(np.float64).T     # [g,N]
+    kernels = {"portable": lambda out: _moe_grouped.expert_rows_gemm(w.blocks, w.scales, 1, x, values, powers,
+                                                                      out, 8)}
+    if _simd.has_avx512():
+        kernels["tiles"] = lambda out: _moe_tiles.expert_tiles_gemm(w.blocks, w.scales, 1, _moe_tiles.permute_rows(x),
+                                                                    values, powers, out, 8)
+    for name, run in kernels.items():
+        out = np.full((g, n_out), np.nan, np.float32)
+        run(out)
+        assert _error(out, want) < 1e-5, name

@@ -1,10 +1,11 @@
 """MoE for several tokens with MXFP4 experts: a grouped GEMM (spec: spec/ops/moe.md, spec/backends.md).
 
 The (token, slot) pairs are grouped by expert. For an expert chosen by at least ``TILE_MIN_ROWS``
-pairs, :func:`expert_rows_gemm` decodes each weight row once (exact: the reference's values) and
-multiplies it by all of the group's input rows, which stay in cache (62-74 GFLOP/s on 2 cores for
-16-64 rows of a 5760 x 2880 expert; decoding tiles for BLAS measured about half that, as small
-BLAS calls and a serial decode alternated). The pairs of rarely chosen experts go through the
+pairs, each weight row is decoded once (exact: the reference's values) and multiplied by all of
+the group's input rows, which stay in cache: on AVX-512 hosts by the register tiles of
+``_moe_tiles`` (vector decode, 4 weight rows x 4 input rows per pass), elsewhere by
+:func:`expert_rows_gemm` (scalar decode, one input row per pass: 62-74 GFLOP/s on 2 cores for
+16-64 rows of a 5760 x 2880 expert; decoding tiles for BLAS measured about half that). The pairs of rarely chosen experts go through the
 streaming decode GEMV (one weight pass per pair). Both halves (gate_up, then down) work this way, with
 the activation between them, then the weighted sum. Every kernel here is cacheable (no function
 arguments), so a second process compiles nothing.
@@ -15,6 +16,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from gptevo.backends.numba import _moe_tiles, _simd
 from gptevo.backends.numba._gemv import fast_jit, fast_pjit
 
 TILE_MIN_ROWS = 4        # pairs per expert from which decoding each weight row once for all pairs pays
@@ -81,6 +83,7 @@ def _project(weight, experts, starts, rows_x, xs, bias, out, gemv):
     values = FP4_VALUES.astype(np.float32)                                   # [16]
     powers = _powers()                                                       # [256]
     chunk = 4 * max(2, -(-n_out // (32 * max(1, numba.get_num_threads()))))   # a multiple of 4
+    tiles = _simd.has_avx512() and blocks.flags.c_contiguous and scales.flags.c_contiguous
     small_pairs, small_experts = [], []
     for u, e in enumerate(experts):
         lo, hi = int(starts[u]), int(starts[u + 1])
@@ -90,7 +93,11 @@ def _project(weight, experts, starts, rows_x, xs, bias, out, gemv):
             continue
         xg = np.ascontiguousarray(xs[rows_x[lo:hi]])                         # [g,K]
         part = np.empty((hi - lo, n_out), np.float32)                        # [g,N]
-        expert_rows_gemm(blocks, scales, int(e), xg, values, powers, part, chunk)
+        if tiles:
+            _moe_tiles.expert_tiles_gemm(blocks, scales, int(e), _moe_tiles.permute_rows(xg), values, powers,
+                                         part, chunk)
+        else:
+            expert_rows_gemm(blocks, scales, int(e), xg, values, powers, part, chunk)
         out[lo:hi] = part
         if bias is not None:
             out[lo:hi] += bias[int(e)]

@@ -1,0 +1,117 @@
+"""Grouped MXFP4 expert GEMM with explicit AVX-512 tiles (the many-row path of ``_moe_grouped``).
+
+For one expert and the g input rows routed to it: four weight rows at a time are decoded (exact:
+the 16-entry e2m1 table times the block's power of two, looked up with ``vpermps``, two stores
+per 32-value block) into a per-thread buffer, then multiplied by the input rows four at a time:
+16 vector accumulators (4 weight rows x 4 input rows), per 16 values four weight loads, four
+input loads and 16 FMAs, one horizontal sum per output at the end. The earlier kernel decoded
+with scalar table lookups and multiplied one input row at a time (5 loads per 4 FMAs).
+
+The decoded row keeps each 32-value block as its 16 even elements then its 16 odd ones (what the
+two lookups give); the input rows are permuted the same way once per call (:func:`permute_rows`),
+so every product is the reference's ``value * 2**(scale - 127) * x`` and only the summation order
+differs (spec/backends.md, "Numerical policy"). AVX-512 hosts only; ``_moe_grouped`` keeps the
+portable kernel for the others.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from gptevo.backends.numba._gemv import fast_jit, fast_pjit
+from gptevo.backends.numba._simd import (f32x16_bcast, f32x16_zero, hsum, isrl, load_f32x16, load_u8x16_zext,
+                                         permps, store_f32x16, vfma, vmul)
+
+
+def permute_rows(x: np.ndarray) -> np.ndarray:
+    """x [g,K] (K % 32 == 0) -> per 32-value block its even elements, then its odd ones."""
+    g, k = x.shape
+    return np.ascontiguousarray(x.reshape(g, k // 32, 16, 2).transpose(0, 1, 3, 2).reshape(g, k))
+
+
+@fast_jit
+def _decode_row(blocks, boff, scales, soff, n_blocks, table, powers, dst, doff):
+    """dst[doff : doff + 32 n_blocks] = the decoded row at byte offset boff / scale offset soff, in
+    the even-then-odd order of :func:`permute_rows`."""
+    t = load_f32x16(table, 0)
+    for b in range(n_blocks):
+        ts = vmul(t, f32x16_bcast(powers[scales.flat[soff + b]]))    # the block's 16 decoded values
+        idx = load_u8x16_zext(blocks, boff + 16 * b)                   # 16 bytes -> 16 dwords
+        store_f32x16(dst, doff + 32 * b, permps(ts, idx))              # low nibbles: elements 2j
+        store_f32x16(dst, doff + 32 * b + 16, permps(ts, isrl(idx, 4)))  # high nibbles: 2j + 1
+
+
+@fast_pjit
+def expert_tiles_gemm(blocks, scales, e, xp, table, powers, out, chunk):
+    """out[r, n] = decode(W[e, n]) . x[r] for xp [g,K] (rows permuted by :func:`permute_rows`) and
+    every weight row n of expert e; blocks [E,N,K/32,16] uint8, scales [E,N,K/32] uint8 (both
+    C-contiguous); out [g,N] float32; parallel over chunks of ``chunk`` weight rows (a multiple of 4)."""
+    n_out, n_blocks = scales.shape[1], scales.shape[2]
+    k = 32 * n_blocks
+    g = xp.shape[0]
+    for c in prange((n_out + chunk - 1) // chunk):
+        buf = np.zeros(4 * k, np.float32)                                 # [4*K] decoded rows
+        for n0 in range(c * chunk, min(n_out, (c + 1) * chunk), 4):
+            m = min(4, n_out - n0)
+            for i in range(m):
+                row = e * n_out + n0 + i
+                _decode_row(blocks, row * n_blocks * 16, scales, row * n_blocks, n_blocks, table, powers, buf, i * k)
+            r = 0
+            while r + 4 <= g:
+                a00 = f32x16_zero(); a01 = f32x16_zero(); a02 = f32x16_zero(); a03 = f32x16_zero()  # noqa: E702
+                a10 = f32x16_zero(); a11 = f32x16_zero(); a12 = f32x16_zero(); a13 = f32x16_zero()  # noqa: E702
+                a20 = f32x16_zero(); a21 = f32x16_zero(); a22 = f32x16_zero(); a23 = f32x16_zero()  # noqa: E702
+                a30 = f32x16_zero(); a31 = f32x16_zero(); a32 = f32x16_zero(); a33 = f32x16_zero()  # noqa: E702
+                xo = r * k
+                for j in range(0, k, 16):
+                    w0 = load_f32x16(buf, j)
+                    w1 = load_f32x16(buf, k + j)
+                    w2 = load_f32x16(buf, 2 * k + j)
+                    w3 = load_f32x16(buf, 3 * k + j)
+                    x0 = load_f32x16(xp, xo + j)
+                    x1 = load_f32x16(xp, xo + k + j)
+                    x2 = load_f32x16(xp, xo + 2 * k + j)
+                    x3 = load_f32x16(xp, xo + 3 * k + j)
+                    a00 = vfma(w0, x0, a00); a01 = vfma(w0, x1, a01); a02 = vfma(w0, x2, a02)  # noqa: E702
+                    a03 = vfma(w0, x3, a03); a10 = vfma(w1, x0, a10); a11 = vfma(w1, x1, a11)  # noqa: E702
+                    a12 = vfma(w1, x2, a12); a13 = vfma(w1, x3, a13); a20 = vfma(w2, x0, a20)  # noqa: E702
+                    a21 = vfma(w2, x1, a21); a22 = vfma(w2, x2, a22); a23 = vfma(w2, x3, a23)  # noqa: E702
+                    a30 = vfma(w3, x0, a30); a31 = vfma(w3, x1, a31); a32 = vfma(w3, x2, a32)  # noqa: E702
+                    a33 = vfma(w3, x3, a33)
+                out[r, n0] = hsum(a00)
+                out[r + 1, n0] = hsum(a01)
+                out[r + 2, n0] = hsum(a02)
+                out[r + 3, n0] = hsum(a03)
+                if m > 1:
+                    out[r, n0 + 1] = hsum(a10)
+                    out[r + 1, n0 + 1] = hsum(a11)
+                    out[r + 2, n0 + 1] = hsum(a12)
+                    out[r + 3, n0 + 1] = hsum(a13)
+                if m > 2:
+                    out[r, n0 + 2] = hsum(a20)
+                    out[r + 1, n0 + 2] = hsum(a21)
+                    out[r + 2, n0 + 2] = hsum(a22)
+                    out[r + 3, n0 + 2] = hsum(a23)
+                if m > 3:
+                    out[r, n0 + 3] = hsum(a30)
+                    out[r + 1, n0 + 3] = hsum(a31)
+                    out[r + 2, n0 + 3] = hsum(a32)
+                    out[r + 3, n0 + 3] = hsum(a33)
+                r += 4
+            while r < g:                                                  # the last g % 4 input rows
+                a0 = f32x16_zero(); a1 = f32x16_zero(); a2 = f32x16_zero(); a3 = f32x16_zero()  # noqa: E702
+                xo = r * k
+                for j in range(0, k, 16):
+                    x0 = load_f32x16(xp, xo + j)
+                    a0 = vfma(load_f32x16(buf, j), x0, a0)
+                    a1 = vfma(load_f32x16(buf, k + j), x0, a1)
+                    a2 = vfma(load_f32x16(buf, 2 * k + j), x0, a2)
+                    a3 = vfma(load_f32x16(buf, 3 * k + j), x0, a3)
+                out[r, n0] = hsum(a0)
+                if m > 1:
+                    out[r, n0 + 1] = hsum(a1)
+                if m > 2:
+                    out[r, n0 + 2] = hsum(a2)
+                if m > 3:
+                    out[r, n0 + 3] = hsum(a3)
+                r += 1
