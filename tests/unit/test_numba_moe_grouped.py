@@ -44,7 +44,7 @@ def test_grouped_equals_reference(n_tokens, n_experts, k, activation):
     if n_tokens >= 33:
         assert counts.max() >= _moe_grouped.TILE_MIN_ROWS        # the grouped (decode once) path ran
     if n_tokens <= 9:
-        assert counts.min() < _moe_grouped.TILE_MIN_ROWS         # the streaming path ran
+        assert counts.min() < _moe_grouped.TILE_MIN_ROWS         # a streaming path ran (1 row: GEMV, 2-3: rows)
 
 
 def test_scale_extremes_keep_the_reference_infinities_and_nans():
@@ -82,3 +82,20 @@ def test_both_expert_kernels_equal_the_decoded_product(g, n_out):
         out = np.full((g, n_out), np.nan, np.float32)
         run(out)
         assert _error(out, want) < 1e-5, name
+
+
+@pytest.mark.parametrize("g", [1, 2, 3, 4])
+def test_streamed_rows_kernel_equals_the_decoded_product(g):
+    """``_moe_tiles.expert_rows_stream`` (2-3 rows of one expert in one pass, batched decode)."""
+    from gptevo.backends.numba import _moe_grouped, _moe_tiles, _simd
+    from gptevo.ops.mxfp4 import FP4_VALUES, mxfp4_decode
+    if not _simd.has_avx512():
+        pytest.skip("the streamed-rows kernel is AVX-512 only; other hosts use the per-row GEMV")
+    rng = np.random.default_rng(g)
+    w = _mxfp4(rng, 2, 37, 128)
+    x = rng.standard_normal((g, 128)).astype(np.float32)
+    out = np.full((g, 37), np.nan, np.float32)
+    _moe_tiles.expert_rows_stream(w.blocks, w.scales, 1, _moe_tiles.permute_rows(x), FP4_VALUES.astype(np.float32),
+                                  _moe_grouped._powers(), out, 16)
+    want = x.astype(np.float64) @ mxfp4_decode(w.blocks[1], w.scales[1]).astype(np.float64).T
+    assert _error(out, want) < 1e-5

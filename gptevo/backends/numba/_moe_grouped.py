@@ -84,16 +84,20 @@ def _project(weight, experts, starts, rows_x, xs, bias, out, gemv):
     powers = _powers()                                                       # [256]
     chunk = 4 * max(2, -(-n_out // (32 * max(1, numba.get_num_threads()))))   # a multiple of 4
     tiles = _simd.has_avx512() and blocks.flags.c_contiguous and scales.flags.c_contiguous
+    stream_chunk = max(16, -(-n_out // (8 * max(1, numba.get_num_threads()))))
     small_pairs, small_experts = [], []
     for u, e in enumerate(experts):
         lo, hi = int(starts[u]), int(starts[u + 1])
-        if hi - lo < TILE_MIN_ROWS:
+        if hi - lo < TILE_MIN_ROWS and not (tiles and hi - lo >= 2):
             small_pairs.extend(range(lo, hi))
             small_experts.extend([int(e)] * (hi - lo))
             continue
         xg = np.ascontiguousarray(xs[rows_x[lo:hi]])                         # [g,K]
         part = np.empty((hi - lo, n_out), np.float32)                        # [g,N]
-        if tiles:
+        if tiles and hi - lo < TILE_MIN_ROWS:        # 2-3 rows: one streamed pass for all of them
+            _moe_tiles.expert_rows_stream(blocks, scales, int(e), _moe_tiles.permute_rows(xg), values, powers,
+                                          part, stream_chunk)
+        elif tiles:
             _moe_tiles.expert_tiles_gemm(blocks, scales, int(e), _moe_tiles.permute_rows(xg), values, powers,
                                          part, chunk)
         else:

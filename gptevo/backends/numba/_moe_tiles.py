@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from gptevo.backends.numba._gemv import fast_jit, fast_pjit
+from gptevo.backends.numba._mxfp4_gemv import PREFETCH_BYTES, kjit, kpjit
 from gptevo.backends.numba._simd import (f32x16_bcast, f32x16_zero, hsum, isrl, load_f32x16, load_u8x16_zext,
-                                         permps, store_f32x16, vfma, vmul)
+                                         permps, prefetch, store_f32x16, vadd, vfma, vmul)
 
 
 def permute_rows(x: np.ndarray) -> np.ndarray:
@@ -29,24 +29,25 @@ def permute_rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(g, k // 32, 16, 2).transpose(0, 1, 3, 2).reshape(g, k))
 
 
-@fast_jit
-def _decode_row(blocks, boff, scales, soff, n_blocks, table, powers, dst, doff):
+@kjit
+def _decode_row(blocks, boff, sflat, soff, n_blocks, table, powers, dst, doff):
     """dst[doff : doff + 32 n_blocks] = the decoded row at byte offset boff / scale offset soff, in
     the even-then-odd order of :func:`permute_rows`."""
     t = load_f32x16(table, 0)
     for b in range(n_blocks):
-        ts = vmul(t, f32x16_bcast(powers[scales.flat[soff + b]]))    # the block's 16 decoded values
+        ts = vmul(t, f32x16_bcast(powers[sflat[soff + b]]))    # the block's 16 decoded values
         idx = load_u8x16_zext(blocks, boff + 16 * b)                   # 16 bytes -> 16 dwords
         store_f32x16(dst, doff + 32 * b, permps(ts, idx))              # low nibbles: elements 2j
         store_f32x16(dst, doff + 32 * b + 16, permps(ts, isrl(idx, 4)))  # high nibbles: 2j + 1
 
 
-@fast_pjit
+@kpjit
 def expert_tiles_gemm(blocks, scales, e, xp, table, powers, out, chunk):
     """out[r, n] = decode(W[e, n]) . x[r] for xp [g,K] (rows permuted by :func:`permute_rows`) and
     every weight row n of expert e; blocks [E,N,K/32,16] uint8, scales [E,N,K/32] uint8 (both
     C-contiguous); out [g,N] float32; parallel over chunks of ``chunk`` weight rows (a multiple of 4)."""
     n_out, n_blocks = scales.shape[1], scales.shape[2]
+    sflat = scales.reshape(-1)             # 1-D indexing (``.flat[i]`` of a 3-D array is far slower)
     k = 32 * n_blocks
     g = xp.shape[0]
     for c in prange((n_out + chunk - 1) // chunk):
@@ -55,7 +56,7 @@ def expert_tiles_gemm(blocks, scales, e, xp, table, powers, out, chunk):
             m = min(4, n_out - n0)
             for i in range(m):
                 row = e * n_out + n0 + i
-                _decode_row(blocks, row * n_blocks * 16, scales, row * n_blocks, n_blocks, table, powers, buf, i * k)
+                _decode_row(blocks, row * n_blocks * 16, sflat, row * n_blocks, n_blocks, table, powers, buf, i * k)
             r = 0
             while r + 4 <= g:
                 a00 = f32x16_zero(); a01 = f32x16_zero(); a02 = f32x16_zero(); a03 = f32x16_zero()  # noqa: E702
@@ -115,3 +116,58 @@ def expert_tiles_gemm(blocks, scales, e, xp, table, powers, out, chunk):
                 if m > 3:
                     out[r, n0 + 3] = hsum(a3)
                 r += 1
+
+
+def _make_rows_stream(g: int):
+    """The kernel of :func:`expert_rows_stream` for exactly ``g`` rows (a compile-time constant,
+    so each variant keeps only its own accumulators and loads)."""
+    def kernel(blocks, scales, e, xp, table, powers, out, chunk):
+        n_out, n_blocks = scales.shape[1], scales.shape[2]
+        sflat = scales.reshape(-1)
+        k = 32 * n_blocks
+        t = load_f32x16(table, 0)
+        for c in prange((n_out + chunk - 1) // chunk):
+            for n in range(c * chunk, min(n_out, (c + 1) * chunk)):
+                row = e * n_out + n
+                boff = row * n_blocks * 16
+                soff = row * n_blocks
+                a0 = f32x16_zero(); b0 = f32x16_zero(); a1 = f32x16_zero(); b1 = f32x16_zero()  # noqa: E702
+                a2 = f32x16_zero(); b2 = f32x16_zero(); a3 = f32x16_zero(); b3 = f32x16_zero()  # noqa: E702
+                for b in range(n_blocks):
+                    if b % 4 == 0:
+                        prefetch(blocks, boff + 16 * b + PREFETCH_BYTES)
+                    ts = vmul(t, f32x16_bcast(powers[sflat[soff + b]]))
+                    idx = load_u8x16_zext(blocks, boff + 16 * b)
+                    lo = permps(ts, idx)                                    # elements 2j
+                    hi = permps(ts, isrl(idx, 4))                           # elements 2j + 1
+                    a0 = vfma(lo, load_f32x16(xp, 32 * b), a0)
+                    b0 = vfma(hi, load_f32x16(xp, 32 * b + 16), b0)
+                    if g > 1:
+                        a1 = vfma(lo, load_f32x16(xp, k + 32 * b), a1)
+                        b1 = vfma(hi, load_f32x16(xp, k + 32 * b + 16), b1)
+                    if g > 2:
+                        a2 = vfma(lo, load_f32x16(xp, 2 * k + 32 * b), a2)
+                        b2 = vfma(hi, load_f32x16(xp, 2 * k + 32 * b + 16), b2)
+                    if g > 3:
+                        a3 = vfma(lo, load_f32x16(xp, 3 * k + 32 * b), a3)
+                        b3 = vfma(hi, load_f32x16(xp, 3 * k + 32 * b + 16), b3)
+                out[0, n] = hsum(vadd(a0, b0))
+                if g > 1:
+                    out[1, n] = hsum(vadd(a1, b1))
+                if g > 2:
+                    out[2, n] = hsum(vadd(a2, b2))
+                if g > 3:
+                    out[3, n] = hsum(vadd(a3, b3))
+    kernel.__name__ = kernel.__qualname__ = f"expert_rows_stream_{g}"
+    return kpjit(kernel)
+
+
+_ROWS_STREAM = {g: _make_rows_stream(g) for g in (1, 2, 3, 4)}
+
+
+def expert_rows_stream(blocks, scales, e, xp, table, powers, out, chunk):
+    """out[r, n] = decode(W[e, n]) . x[r] for the 1-4 rows of xp [g,K] (permuted by
+    :func:`permute_rows`): each block decoded once in registers (two ``vpermps``) and multiplied by
+    every row, so 2-3 rows of one expert cost about one streamed pass instead of one pass each
+    (small groups in batched decode)."""
+    _ROWS_STREAM[xp.shape[0]](blocks, scales, e, xp, table, powers, out, chunk)
