@@ -24,8 +24,8 @@ from numba import prange, types
 from numba.extending import intrinsic
 
 from gptevo.backends.numba import _gemv_q8
-from gptevo.backends.numba._simd import (f32x16_bcast, f32x16_zero, has_avx512, hsum, load_f32x16, load_i8x16_f32,
-                                         vadd, vfma, vmul)
+from gptevo.backends.numba._simd import (bits_to_f32, f32x16_bcast, f32x16_zero, has_avx512, hsum, i32x16_bcast, iand,
+                                         isll, load_f32x16, load_i8x16_f32, load_i32x16, vadd, vfma, vmul)
 
 # Reassociation and contraction (FMA) let LLVM vectorize reductions; no 'nnan'/'ninf': NaN and inf
 # propagate as in IEEE arithmetic, so a NaN weight still poisons exactly the rows it belongs to.
@@ -103,6 +103,41 @@ def gemv_half(w, x, bias, out, chunk, is_bf16):
             for j in range(k):
                 acc += half_to_float(row[j], is_bf16) * x[j]
             out[r] = acc + bias[r] if has_bias else acc
+
+
+@numba.njit(cache=True, error_model="numpy", parallel=True, nogil=True)
+def gemv_bf16_avx512(w, xe, xo, bias, out, chunk):
+    """``gemv_half`` for bfloat16 with explicit vectors: 64 bytes (32 values) per load, the low
+    halves of the dwords (even elements) shifted up and the high halves masked, so each load
+    becomes two float32 vectors without a widening load; x split once per call into its even and
+    odd elements (xe, xo [K/2]). w [N,K] uint16 bits, K % 32 == 0. Per 2-thread measurement on GPT-2
+    shapes: 28-45 GB/s against 23-26 for the loop LLVM vectorized (spec/backends.md)."""
+    n_rows, k = w.shape
+    n_vec = k // 32
+    has_bias = bias.shape[0] == n_rows
+    high = i32x16_bcast(np.int32(-65536))
+    for c in prange((n_rows + chunk - 1) // chunk):
+        for r in range(c * chunk, min(n_rows, (c + 1) * chunk)):
+            base = r * k * 2
+            a0 = f32x16_zero()
+            a1 = f32x16_zero()
+            a2 = f32x16_zero()
+            a3 = f32x16_zero()
+            b = 0
+            while b + 2 <= n_vec:
+                v = load_i32x16(w, base + 64 * b)
+                a0 = vfma(bits_to_f32(isll(v, 16)), load_f32x16(xe, 16 * b), a0)
+                a1 = vfma(bits_to_f32(iand(v, high)), load_f32x16(xo, 16 * b), a1)
+                v = load_i32x16(w, base + 64 * b + 64)
+                a2 = vfma(bits_to_f32(isll(v, 16)), load_f32x16(xe, 16 * b + 16), a2)
+                a3 = vfma(bits_to_f32(iand(v, high)), load_f32x16(xo, 16 * b + 16), a3)
+                b += 2
+            if b < n_vec:
+                v = load_i32x16(w, base + 64 * b)
+                a0 = vfma(bits_to_f32(isll(v, 16)), load_f32x16(xe, 16 * b), a0)
+                a1 = vfma(bits_to_f32(iand(v, high)), load_f32x16(xo, 16 * b), a1)
+            y = hsum(vadd(vadd(a0, a1), vadd(a2, a3)))
+            out[r] = y + bias[r] if has_bias else y
 
 
 @fast_pjit
@@ -188,6 +223,9 @@ def gemv(x, weight, bias, threads: int):
     out = np.empty(n, dt)                                                       # [N]
     if wd == dt:
         gemv_float(weight, x, _bias(bias, dt), out, rows_per_chunk(n, threads), dt.type(0))
+    elif dt == np.float32 and wd.name == "bfloat16" and _AVX512 and weight.shape[1] % 32 == 0:
+        gemv_bf16_avx512(weight.view(np.uint16), np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2]),
+                         _bias(bias, dt), out, rows_per_chunk(n, threads))
     elif dt == np.float32 and (wd.name == "bfloat16" or wd == np.float16):
         gemv_half(weight.view(np.uint16), x, _bias(bias, dt), out, rows_per_chunk(n, threads), wd.name == "bfloat16")
     else:
