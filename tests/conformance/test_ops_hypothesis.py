@@ -110,11 +110,13 @@ def test_linear(backend, seed, t, n_in, n_out, dtype, wtag, with_bias):
     check(backend, "linear", x=x, weight=w, bias=b)
 
 
-@given(seed=seeds, t=st.integers(17, 160), n_in=st.integers(1, 40), n_out=st.integers(1, 1100), dtype=act_dtypes,
-       wtag=weight_tags, with_bias=st.booleans())
+@given(seed=seeds, t=st.integers(5, 160), n_in=st.one_of(st.integers(1, 40), st.sampled_from([32, 64, 96])),
+       n_out=st.integers(1, 1100), dtype=act_dtypes, wtag=weight_tags, with_bias=st.booleans())
 def test_linear_many_rows(backend, seed, t, n_in, n_out, dtype, wtag, with_bias):
-    """Prefill-sized row counts: the backends' GEMM paths (numba: BLAS split by rows or columns over
-    its threads, 16-bit weights widened in 512-row tiles, so n_out > 512 spans several tiles)."""
+    """Batched-decode and prefill row counts: the backends' multi-row paths (numba: register tiles
+    for 5-16 rows when K % 32 == 0, the small-GEMM loops otherwise; above 16 rows BLAS split by rows
+    or columns over its threads, 16-bit weights widened in 512-row tiles, so n_out > 512 spans
+    several tiles)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((t, n_in)).astype(dtype)
     w = rng.standard_normal((n_out, n_in)).astype(WEIGHT_DTYPES[wtag])

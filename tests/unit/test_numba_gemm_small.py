@@ -52,3 +52,20 @@ def test_numba_linear_on_a_few_rows_matches_the_reference(dtype, rows):
     want = backends.get("reference").linear(x=x, weight=w, bias=b)
     assert got.shape == want.shape == (rows, 70)
     assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n,k,m", [(37, 64, 5), (8, 32, 7), (300, 96, 16), (5, 768, 9), (1, 32, 6), (6, 64, 13)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_register_tiles_equal_the_widened_product(dtype, n, k, m, with_bias):
+    """``_gemm_tiles`` (AVX-512 batched decode, 5-16 rows) for every tail of weight and input rows."""
+    import ml_dtypes
+    from gptevo.backends.numba import _gemm_tiles
+    rng = np.random.default_rng(n * k + m)
+    w = rng.standard_normal((n, k)).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    assert _gemm_tiles.supported(w, m)
+    got = _gemm_tiles.tiles_rows(x, w, bias, 8)
+    want = x.astype(np.float64) @ w.astype(np.float64).T + (0 if bias is None else bias)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))

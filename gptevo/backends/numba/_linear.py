@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gptevo.backends.numba import _blas, _gemm_small, _gemv
+from gptevo.backends.numba import _blas, _gemm_small, _gemm_tiles, _gemv
 from gptevo.backends.numba._common import (as_compute, chunk_rows, compute_dtype, jit, jit_uncached, pjit_uncached,
                                            prange, run_parallel)
 from gptevo.backends.numba._weights import VALUE_TABLE, SCALE_TABLE, operand, row_mxfp4
@@ -146,6 +146,9 @@ def _linear_fast(x, weight, bias, dtype):
         y = _gemv.gemv(x2[0], weight, bias, numba.get_num_threads())              # [out]
         return None if y is None else y.reshape(*lead, n_out)
     if x2.shape[0] <= _gemm_small.MAX_ROWS:                                        # batched decode
+        if _gemv._AVX512 and dtype == np.float32 and _gemm_tiles.supported(weight, x2.shape[0]):
+            chunk = 4 * max(4, -(-n_out // (32 * numba.get_num_threads())))       # a multiple of 4
+            return _gemm_tiles.tiles_rows(x2, weight, bias, chunk).reshape(*lead, n_out)
         y = _gemm_small.small_rows(x2, weight, bias, numba.get_num_threads())     # [M,out]
         if y is not None:
             return y.reshape(*lead, n_out)
