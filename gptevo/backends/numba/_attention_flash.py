@@ -30,6 +30,8 @@ the compute dtype; nothing of size [H, T, S] exists. Results equal the reference
 """
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from numba import prange
@@ -141,6 +143,7 @@ _flash_serial = numba.njit(_flash_items, cache=True, fastmath=_FAST, error_model
 SERIAL_WORK = 1 << 20      # multiply-adds below which one thread beats starting a parallel region
 
 
+@functools.lru_cache(maxsize=256)
 def balanced_order(n_blocks: int, n_kv: int) -> np.ndarray:
     """Item indices (block-major, g fastest) ordered first, last, second, second-to-last, ... by
     block: causal blocks grow in cost with their position, and the parallel loop hands each thread
@@ -148,7 +151,9 @@ def balanced_order(n_blocks: int, n_kv: int) -> np.ndarray:
     blocks = np.empty(n_blocks, np.int64)
     blocks[0::2] = np.arange((n_blocks + 1) // 2)
     blocks[1::2] = np.arange(n_blocks - 1, (n_blocks + 1) // 2 - 1, -1)
-    return (blocks[:, None] * n_kv + np.arange(n_kv)).reshape(-1)
+    order = (blocks[:, None] * n_kv + np.arange(n_kv)).reshape(-1)
+    order.flags.writeable = False          # shared between calls (cached)
+    return order
 
 
 def attention_flash(q, k, v, qpos, kpos, window, sinks, slopes, scale, out):
