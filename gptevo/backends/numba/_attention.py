@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
-from gptevo.backends.numba._common import as_compute, compute_dtype, jit, prange
+from gptevo.backends.numba._common import as_compute, compute_dtype, jit
 from gptevo.backends.numba._attention_flash import attention_flash
 
 

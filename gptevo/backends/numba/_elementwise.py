@@ -2,7 +2,8 @@
 
 Row kernels loop over the rows of x viewed as [N, D]; elementwise kernels over the flattened
 array. They are serial at decode sizes (a parallel region would cost more than it saves at T = 1);
-elementwise activations over at least ``PARALLEL_VALUES`` values (prefill) run in parallel chunks. Arguments arrive checked by the registry.
+inputs of at least ``PARALLEL_VALUES`` values (prefill) run in parallel chunks of rows or values.
+Arguments arrive checked by the registry.
 Intermediates (row sums, sigmoids, erf) are float64 and each output is rounded once to the compute
 dtype when stored, so a float32 result is at least as accurate as the reference's. Norm weights
 and biases are [D] vectors, widened once in the wrapper (a negligible read next to x).
@@ -207,8 +208,8 @@ def swiglu(gate, up):
     """``silu(gate) * up``, elementwise (float64 if either input is float64)."""
     dtype = compute_dtype(gate, up)
     out = np.empty(gate.size, dtype)
-    (_swiglu_par if gate.size >= PARALLEL_VALUES else _swiglu_flat)(as_compute(gate, dtype, "swiglu: gate").reshape(-1), as_compute(up, dtype, "swiglu: up").reshape(-1),
-                 out)
+    kernel = _swiglu_par if gate.size >= PARALLEL_VALUES else _swiglu_flat
+    kernel(as_compute(gate, dtype, "swiglu: gate").reshape(-1), as_compute(up, dtype, "swiglu: up").reshape(-1), out)
     return out.reshape(gate.shape)
 
 

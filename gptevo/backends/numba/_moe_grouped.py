@@ -5,10 +5,11 @@ pairs, each weight row is decoded once (exact: the reference's values) and multi
 the group's input rows, which stay in cache: on AVX-512 hosts by the register tiles of
 ``_moe_tiles`` (vector decode, 4 weight rows x 4 input rows per pass), elsewhere by
 :func:`expert_rows_gemm` (scalar decode, one input row per pass: 62-74 GFLOP/s on 2 cores for
-16-64 rows of a 5760 x 2880 expert; decoding tiles for BLAS measured about half that). The pairs of rarely chosen experts go through the
-streaming decode GEMV (one weight pass per pair). Both halves (gate_up, then down) work this way, with
-the activation between them, then the weighted sum. Every kernel here is cacheable (no function
-arguments), so a second process compiles nothing.
+16-64 rows of a 5760 x 2880 expert; decoding tiles for BLAS measured about half that). An expert
+chosen by 2-3 pairs streams once for all of them (``_moe_tiles.expert_rows_stream``, AVX-512), one
+chosen once goes through the streaming decode GEMV (one weight pass per pair). Both halves
+(gate_up, then down) work this way, with the activation between them, then the weighted sum.
+Every kernel here is cacheable (no function arguments), so a second process compiles nothing.
 """
 from __future__ import annotations
 
