@@ -119,18 +119,21 @@ def widen_rows(w, r0, out, is_bf16):
 def tiled_matmul_nt(x: np.ndarray, n: int, fill_tile, threads: int, bias: np.ndarray | None = None) -> np.ndarray:
     """``x @ w.T (+ bias [N])`` for float32 x [M,K] and a weight w [N,K] that exists only tile by tile:
     ``fill_tile(r0, tile)`` writes float32 rows r0 .. r0 + len(tile) of w into ``tile``
-    [rows,K] (it must release the GIL to overlap: a ``nogil`` kernel or NumPy). Each part fills its
-    share of the ``WIDEN_ROWS``-row tiles into its own buffer and multiplies them by BLAS, so no
+    [rows,K] (it must release the GIL to overlap: a ``nogil`` kernel or NumPy). w is cut into
+    equal tiles of at most ``WIDEN_ROWS`` rows, as many as a multiple of the parts (768 rows on two
+    parts: two tiles of 384, not 512 + 256); each part fills its share into its own buffer and multiplies them by BLAS, so no
     float32 copy of w exists."""
     m, k = x.shape
     out = np.empty((m, n), np.float32)                                         # [M,N]
-    tiles = list(range(0, n, WIDEN_ROWS))
+    n_tiles = threads * -(-n // (threads * WIDEN_ROWS))        # a multiple of the parts: no idle part
+    rows = -(-n // n_tiles)                                    # <= WIDEN_ROWS rows per tile
+    tiles = list(range(0, n, rows))
 
     def part(mine):
         def go():
-            buf = np.empty((min(WIDEN_ROWS, n), k), np.float32)               # [rows,K]
+            buf = np.empty((min(rows, n), k), np.float32)                     # [rows,K]
             for r0 in mine:
-                tile = buf[:min(WIDEN_ROWS, n - r0)]                           # [rows,K]
+                tile = buf[:min(rows, n - r0)]                                 # [rows,K]
                 fill_tile(r0, tile)
                 y = out[:, r0:r0 + tile.shape[0]]                              # [M,rows]
                 y[...] = x @ tile.T if bias is None else x @ tile.T + bias[r0:r0 + tile.shape[0]]
