@@ -57,3 +57,24 @@ def test_an_error_in_a_part_propagates_after_all_parts_finish():
     with pytest.raises(ValueError, match="part failed"):
         _blas.run_parts([bad, slow])
     assert done == [True]
+
+
+def test_a_forked_child_gets_its_own_pool():
+    """The parent's pool threads do not exist in a fork; the child must not wait on them."""
+    import os
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    x = np.ones((4, 8), np.float32)
+    w = np.ones((40, 8), np.float32)
+    _blas.matmul_nt(x, w, 2)                        # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:                                    # child: exit 0 only if the product completes
+        ok = False
+        try:
+            import signal
+            signal.alarm(30)                        # a hang ends the child by SIGALRM: the test fails
+            ok = np.array_equal(_blas.matmul_nt(x, w, 2), np.full((4, 40), 8, np.float32))
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -15,6 +15,7 @@ Without threadpoolctl (or without a BLAS it can control) products run as plain N
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,11 +46,14 @@ def _pool(workers: int) -> ThreadPoolExecutor | None:
     if workers <= 0:
         return None
     pool = _state.get("pool")
+    if pool is not None and _state.get("pid") != os.getpid():      # a forked child: the threads stayed behind
+        pool = None
     if pool is None or _state.get("workers") != workers:
         if pool is not None:
             pool.shutdown(wait=True)
         pool = _state["pool"] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gptevo-blas")
         _state["workers"] = workers
+        _state["pid"] = os.getpid()
     return pool
 
 
@@ -121,8 +125,8 @@ def tiled_matmul_nt(x: np.ndarray, n: int, fill_tile, threads: int, bias: np.nda
     ``fill_tile(r0, tile)`` writes float32 rows r0 .. r0 + len(tile) of w into ``tile``
     [rows,K] (it must release the GIL to overlap: a ``nogil`` kernel or NumPy). w is cut into
     equal tiles of at most ``WIDEN_ROWS`` rows, as many as a multiple of the parts (768 rows on two
-    parts: two tiles of 384, not 512 + 256); each part fills its share into its own buffer and multiplies them by BLAS, so no
-    float32 copy of w exists."""
+    parts: two tiles of 384, not 512 + 256); each part fills its share into its own buffer and
+    multiplies them by BLAS, so no float32 copy of w exists."""
     m, k = x.shape
     out = np.empty((m, n), np.float32)                                         # [M,N]
     n_tiles = threads * -(-n // (threads * WIDEN_ROWS))        # a multiple of the parts: no idle part
