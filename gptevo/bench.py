@@ -7,6 +7,8 @@ One run measures, in this order:
 2. prefill: one ``model.forward(ids, cache, logits="last")`` of ``--prompt-tokens`` random ids on an
    empty cache, after an 8-token warm-up (the output head runs on the last position only, as in
    llama.cpp's prompt processing); tok/s = prompt tokens / seconds (0 skips it);
+   1 and 2 (and 3b) run ``--repeats`` times (default 3, on fresh caches), reported as the mean and
+   sample standard deviation of the per-repetition tok/s, as llama-bench reports its ``-r`` runs;
 3. peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after 1 and 2 (before anything else
    allocates);
 3b. prefill sweep: the same prefill measurement at each of ``--prefill-sizes`` (default 128, 512, 2048;
@@ -20,7 +22,7 @@ One run measures, in this order:
    (default 1 GiB, far above the last-level cache) in 4 MiB chunks on ``threads`` Python threads, best
    of 3 passes (:func:`memory_bandwidth`);
 6. roofline fraction = bytes/token x tok/s / bandwidth;
-7. with ``--llama-bench PATH --gguf FILE``: ``PATH -m FILE -p 0 -n N -t T -r 3 -o json`` and
+7. with ``--llama-bench PATH --gguf FILE``: ``PATH -m FILE -p 0 -n N -t T -r R -o json`` and
    ``-p P -n 0``, plus ``--llama-args`` (see gptevo.bench_llama), the bytes per token of the GGUF, and
    llama-bench's peak RSS (``RUSAGE_CHILDREN``); both engines side by side in one table.
 
@@ -210,34 +212,54 @@ def peak_rss(who=resource.RUSAGE_SELF) -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
-def measure_decode(model, tokens: int, warmup: int = 3, seed: int = 0) -> dict:
-    """Greedy batch-1 decode: ``warmup`` + ``tokens`` single-token forwards on one KV cache."""
+def _summary(samples: list[float], **extra) -> dict:
+    """Mean and sample standard deviation of per-repetition tok/s, as llama-bench reports them
+    (``avg_ts`` / ``stddev_ts``); ``samples`` keeps every repetition."""
+    mean = float(np.mean(samples))
+    sd = float(np.std(samples, ddof=1)) if len(samples) > 1 else 0.0
+    return {**extra, "tok_s": mean, "stddev": sd, "samples": [float(v) for v in samples]}
+
+
+def measure_decode(model, tokens: int, warmup: int = 3, seed: int = 0, repeats: int = 1) -> dict:
+    """Greedy batch-1 decode, ``repeats`` times: ``warmup`` + ``tokens`` single-token forwards on a
+    fresh KV cache each time; tok/s is the mean over repetitions (``warmup_s``: the first one's
+    warm-up, which includes compilation)."""
     rng = np.random.default_rng(seed)
-    cache = model.new_cache(warmup + tokens)
-    tok = int(rng.integers(0, model.config.vocab_size))
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        tok = int(np.argmax(model.forward([tok], cache)[-1]))
-    t1 = time.perf_counter()
-    for _ in range(tokens):
-        tok = int(np.argmax(model.forward([tok], cache)[-1]))              # logits [1, V]
-    dt = time.perf_counter() - t1
-    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt, "warmup_s": t1 - t0}
+    rates, seconds, warmup_s = [], 0.0, None
+    for _ in range(repeats):
+        cache = model.new_cache(warmup + tokens)
+        tok = int(rng.integers(0, model.config.vocab_size))
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            tok = int(np.argmax(model.forward([tok], cache)[-1]))
+        t1 = time.perf_counter()
+        for _ in range(tokens):
+            tok = int(np.argmax(model.forward([tok], cache)[-1]))          # logits [1, V]
+        dt = time.perf_counter() - t1
+        warmup_s = t1 - t0 if warmup_s is None else warmup_s
+        rates.append(tokens / dt)
+        seconds += dt
+    return _summary(rates, tokens=tokens, seconds=seconds, warmup_s=warmup_s, repeats=repeats)
 
 
-def measure_prefill(model, tokens: int, seed: int = 0) -> dict | None:
-    """One forward of ``tokens`` random ids on an empty cache (after an 8-token warm-up)."""
+def measure_prefill(model, tokens: int, seed: int = 0, repeats: int = 1) -> dict | None:
+    """``repeats`` forwards of ``tokens`` random ids, each on an empty cache (after an 8-token
+    warm-up); tok/s is the mean over repetitions."""
     if tokens <= 0:
         return None
     rng = np.random.default_rng(seed + 1)
     V = model.config.vocab_size
     model.forward(rng.integers(0, V, min(8, tokens)).tolist(), model.new_cache(min(8, tokens)), logits="last")
-    ids = rng.integers(0, V, tokens).tolist()                              # [P]
-    cache = model.new_cache(tokens)
-    t0 = time.perf_counter()
-    model.forward(ids, cache, logits="last")
-    dt = time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
+    rates, seconds = [], 0.0
+    for _ in range(repeats):
+        ids = rng.integers(0, V, tokens).tolist()                          # [P]
+        cache = model.new_cache(tokens)
+        t0 = time.perf_counter()
+        model.forward(ids, cache, logits="last")
+        dt = time.perf_counter() - t0
+        rates.append(tokens / dt)
+        seconds += dt
+    return _summary(rates, tokens=tokens, seconds=seconds, repeats=repeats)
 
 
 def measure_batch_decode(model, batch: int, steps: int, warmup: int = 3, seed: int = 0) -> dict:
@@ -282,8 +304,8 @@ def parse_sizes(text, flag: str) -> list[int]:
 
 # -- the run ---------------------------------------------------------------------------------------
 def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, prompt_tokens=512, warmup=3,
-        bandwidth_mib=1024, llama_bench=None, gguf=None, llama_repeats=3, llama_args=(), env=None,
-        log=None, prefill_sizes=(128, 512, 2048), batch_sizes=(1, 4, 16), batch_steps=16) -> dict:
+        bandwidth_mib=1024, llama_bench=None, gguf=None, llama_repeats=None, llama_args=(), env=None,
+        log=None, prefill_sizes=(128, 512, 2048), batch_sizes=(1, 4, 16), batch_steps=16, repeats=3) -> dict:
     """Measure everything (see the module doc); returns the result dict that ``--json`` prints."""
     import gptevo
     from gptevo import bench_llama
@@ -295,6 +317,8 @@ def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, promp
     if tokens < 1 or prompt_tokens < 0 or warmup < 0:
         raise RequestError(f"--tokens must be >= 1 and --prompt-tokens, --warmup >= 0 "
                            f"(got {tokens}, {prompt_tokens}, {warmup})")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise RequestError(f"--repeats must be an integer >= 1, got {repeats!r}")
     prefill_sizes = parse_sizes(prefill_sizes, "--prefill-sizes")
     batch_sizes = parse_sizes(batch_sizes, "--batch-sizes")
     if isinstance(batch_steps, bool) or not isinstance(batch_steps, int) or batch_steps < 1:
@@ -312,18 +336,18 @@ def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, promp
     if warmup + tokens > ctx:
         raise RequestError(f"--warmup + --tokens = {warmup + tokens} exceeds the model's context of {ctx}")
     prompt_tokens = min(prompt_tokens, ctx)
-    log(f"decode: {warmup} warm-up + {tokens} tokens ...")
-    dec = measure_decode(model, tokens, warmup)
-    log(f"prefill: {prompt_tokens} tokens ...")
-    pre = measure_prefill(model, prompt_tokens)
+    log(f"decode: {repeats} x ({warmup} warm-up + {tokens} tokens) ...")
+    dec = measure_decode(model, tokens, warmup, repeats=repeats)
+    log(f"prefill: {repeats} x {prompt_tokens} tokens ...")
+    pre = measure_prefill(model, prompt_tokens, repeats=repeats)
     rss = peak_rss()
     sweep = []
     for size in dict.fromkeys(min(n, ctx) for n in prefill_sizes):
         if pre is not None and size == pre["tokens"]:
             sweep.append(pre)
             continue
-        log(f"prefill: {size} tokens ...")
-        sweep.append(measure_prefill(model, size))
+        log(f"prefill: {repeats} x {size} tokens ...")
+        sweep.append(measure_prefill(model, size, repeats=repeats))
     batched = []
     for size in batch_sizes:
         if 1 + warmup + batch_steps > ctx:
@@ -348,8 +372,8 @@ def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, promp
     del model                                   # unmap the weights before llama-bench maps its own
     gc.collect()
     if llama_bench is not None:
-        result["llama"] = run_llama(llama_bench, gguf, tokens, prompt_tokens, n_threads, llama_repeats, bw, log,
-                                    tuple(llama_args))
+        result["llama"] = run_llama(llama_bench, gguf, tokens, prompt_tokens, n_threads,
+                                    repeats if llama_repeats is None else llama_repeats, bw, log, tuple(llama_args))
     return result
 
 
@@ -445,6 +469,9 @@ def add_subparser(sub, env) -> None:
     b.add_argument("--tokens", type=int, default=64, help="decoded tokens timed (default 64)")
     b.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default 512; 0 skips)")
     b.add_argument("--warmup", type=int, default=3, help="decode warm-up tokens (default 3)")
+    b.add_argument("--repeats", type=int, default=3,
+                   help="repetitions of each decode and prefill measurement, ours and llama-bench's -r "
+                        "(default 3); tables show mean ± standard deviation")
     b.add_argument("--prefill-sizes", default="128,512,2048", metavar="LIST",
                    help="prefill lengths measured one after another (default 128,512,2048; 0 skips)")
     b.add_argument("--batch-sizes", default="1,4,16", metavar="LIST",
@@ -472,6 +499,6 @@ def cmd_bench(args, env, stdin, out, err) -> int:
             tokens=args.tokens, prompt_tokens=args.prompt_tokens, warmup=args.warmup,
             bandwidth_mib=args.bandwidth_mib, llama_bench=args.llama_bench, gguf=args.gguf,
             llama_args=shlex.split(args.llama_args), env=env, log=log, prefill_sizes=args.prefill_sizes,
-            batch_sizes=args.batch_sizes, batch_steps=args.batch_steps)
+            batch_sizes=args.batch_sizes, batch_steps=args.batch_steps, repeats=args.repeats)
     out.write(json.dumps(r, indent=2) + "\n" if args.json else format_table(r))
     return 0

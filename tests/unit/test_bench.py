@@ -11,6 +11,7 @@ import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import gptevo
@@ -71,6 +72,18 @@ def test_bench_json_on_tiny_gpt2(models):
     assert [d["tokens"] for d in r["prefill_sweep"]] == [8, 16] and r["prefill_sweep"][0] == r["prefill"]
     assert [(d["batch"], d["steps"], d["tokens"]) for d in r["batch_decode"]] == [(1, 2, 2), (3, 2, 6)]
     assert all(d["tok_s"] == pytest.approx(d["tokens"] / d["seconds"]) for d in r["batch_decode"])
+
+
+def test_repeats_report_mean_and_spread_of_every_sample(models):
+    rc, out, err = run(["bench", str(models["gpt2-124m"]), *FAST, "--repeats", "3", "--json"])
+    assert rc == 0, err
+    r = json.loads(out)
+    for d in [r["decode"], r["prefill"], *r["prefill_sweep"]]:
+        assert d["repeats"] == 3 and len(d["samples"]) == 3 and all(v > 0 for v in d["samples"])
+        assert d["tok_s"] == pytest.approx(np.mean(d["samples"]))
+        assert d["stddev"] == pytest.approx(np.std(d["samples"], ddof=1))
+    rc, out, err = run(["bench", str(models["gpt2-124m"]), *FAST, "--repeats", "2"])
+    assert rc == 0 and " ± " in out.split("decode tok/s (tg3)")[1].splitlines()[0]
 
 
 def test_bench_counts_top_k_experts(models):
@@ -201,6 +214,7 @@ def test_parse_llama_bench_json():
     (["--batch-sizes", "1,x"], "--batch-sizes must be"),
     (["--prefill-sizes", "-4"], "--prefill-sizes must be"),
     (["--batch-steps", "0"], "--batch-steps must be"),
+    (["--repeats", "0"], "--repeats must be"),
 ])
 def test_bad_arguments(models, extra, message):
     rc, out, err = run(["bench", str(models["gpt2-124m"]), *FAST, *extra])
