@@ -79,3 +79,19 @@ def test_numba_linear_uses_it_only_for_marked_weights():
     assert np.abs(marked - exact).max() > np.abs(plain - exact).max()
     assert np.array_equal(marked[0], Q.gemv_int8_q8(w, x[0], np.zeros(0, np.float32), 16))
     assert isinstance(Q.mark(w), type(w)) and Q.mark(Q.mark(w)).values is w.values
+
+
+@needs_vnni
+@pytest.mark.parametrize("n,k", [(37, 512), (300, 2880), (5, 4096), (64, 576)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 11])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_several_rows_are_bitwise_the_one_row_kernel(n, k, m, with_bias):
+    """gemv_q8_rows (batched decode in int8 mode, four rows per weight pass) gives every row exactly
+    what gemv_q8 gives it alone, so a batched step equals single-sequence steps bit for bit."""
+    rng = np.random.default_rng(n * k + m)
+    w = Q.mark(quantize_int8(rng.standard_normal((n, k)).astype(np.float32)))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else np.zeros(0, np.float32)
+    got = Q.gemv_int8_q8_rows(w, x, bias, 16)
+    want = np.stack([Q.gemv_int8_q8(w, x[r], bias, 16) for r in range(m)])
+    assert got.dtype == np.float32 and np.array_equal(got, want)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gptevo.backends.numba import _blas, _gemm_small, _gemm_tiles, _gemv
+from gptevo.backends.numba import _blas, _gemm_small, _gemm_tiles, _gemv, _gemv_q8
 from gptevo.backends.numba._common import (as_compute, chunk_rows, compute_dtype, jit, jit_uncached, pjit_uncached,
                                            prange, run_parallel)
 from gptevo.backends.numba._weights import VALUE_TABLE, SCALE_TABLE, operand, row_mxfp4
@@ -152,6 +152,11 @@ def _linear_fast(x, weight, bias, dtype):
         y = _gemm_small.small_rows(x2, weight, bias, numba.get_num_threads())     # [M,out]
         if y is not None:
             return y.reshape(*lead, n_out)
+        if (isinstance(weight, _gemv_q8.Q8Int8Weight) and dtype == np.float32 and weight.values.ndim == 2
+                and weight.values.flags.c_contiguous and _gemv_q8.supported(shape[1])):
+            chunk = _gemv.rows_per_chunk(n_out, numba.get_num_threads())           # four rows per weight pass,
+            b = np.zeros(0, np.float32) if bias is None else bias                  # each as the one-row kernel
+            return _gemv_q8.gemv_int8_q8_rows(weight, x2, b, chunk).reshape(*lead, n_out)
         if isinstance(weight, Int8Weight) and dtype == np.float32:                 # one streamed pass per row
             rows = [_gemv.gemv(r, weight, bias, numba.get_num_threads()) for r in x2]
             if all(r is not None for r in rows):
