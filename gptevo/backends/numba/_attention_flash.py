@@ -36,7 +36,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from gptevo.backends.numba._attention_tiles import attention_tiles
+from gptevo.backends.numba._attention_tiles import attention_tiles, item_queries
 from gptevo.backends.numba._vmath import exp64
 
 QUERY_BLOCK = 16          # query positions per parallel item
@@ -55,16 +55,8 @@ def _flash_items(q, k, v, qpos, kpos, window, sinks, has_sink, slopes, has_alibi
     group = n_heads // n_kv
     zero = out.dtype.type(0)
     for it in prange(order.shape[0]):
-        item = order[it]
-        g = item % n_kv
-        t0 = (item // n_kv) * q_block
-        tb = min(n_q, t0 + q_block) - t0
+        g, t0, tb, qmin, qmax = item_queries(order[it], n_kv, q_block, n_q, qpos)
         rows = group * tb                      # row r: head g * group + r // tb, query t0 + r % tb
-        qmin = qpos[t0]
-        qmax = qpos[t0]
-        for t in range(t0, t0 + tb):
-            qmin = min(qmin, qpos[t])
-            qmax = max(qmax, qpos[t])
         m = np.empty(rows)                                        # [rows] float64 running max
         den = np.empty(rows)                                      # [rows] float64 running denominator
         nan_row = np.zeros(rows, np.bool_)

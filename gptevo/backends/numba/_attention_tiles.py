@@ -28,6 +28,21 @@ KEY_BLOCK = 64            # keys per tile: four 16-lane vectors
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
+@numba.njit(cache=True, error_model="numpy")
+def item_queries(item, n_kv, q_block, n_q, qpos):
+    """The parallel item ``item`` (KV head fastest) as (g, t0, tb, qmin, qmax): its KV head, first
+    query, query count and the range of its query positions (which key tiles it can see)."""
+    g = item % n_kv
+    t0 = (item // n_kv) * q_block
+    tb = min(n_q, t0 + q_block) - t0
+    qmin = qpos[t0]
+    qmax = qpos[t0]
+    for t in range(t0, t0 + tb):
+        qmin = min(qmin, qpos[t])
+        qmax = max(qmax, qpos[t])
+    return g, t0, tb, qmin, qmax
+
+
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _scores(q, kt, g, s0, t0, tb, group, rows, sc):
     """sc[r, j] = q[row r] . k[s0 + j] for r < rows (padded to 4), j < 64; kt [G, Dh, S_pad]."""
@@ -164,17 +179,9 @@ def flash_tiles(q, kt, vt, qpos, kpos, tile_min, tile_max, tile_full, window, si
     dv_pad = vt.shape[2]
     group = n_heads // n_kv
     for it in prange(order.shape[0]):
-        item = order[it]
-        g = item % n_kv
-        t0 = (item // n_kv) * q_block
-        tb = min(n_q, t0 + q_block) - t0
+        g, t0, tb, qmin, qmax = item_queries(order[it], n_kv, q_block, n_q, qpos)
         rows = group * tb
         rows4 = (rows + 3) // 4 * 4
-        qmin = qpos[t0]
-        qmax = qpos[t0]
-        for t in range(t0, t0 + tb):
-            qmin = min(qmin, qpos[t])
-            qmax = max(qmax, qpos[t])
         m = np.empty(rows4)                                       # [rows4] float64 running max
         den = np.zeros((rows4, 1))                                # [rows4,1] float64 denominator
         nan_row = np.zeros(rows4, np.bool_)
