@@ -109,10 +109,12 @@ def linear(x, weight, bias=None):
 
     One input row (decode) streams the weight through :func:`_gemv.gemv` when the weight kind has a
     streaming kernel; 2-16 float32 rows (batched decode) with float32/bf16/f16 weights go through
+    the register tiles of :mod:`_gemm_tiles` (AVX-512, 5+ rows, K % 32 == 0) or
     :func:`_gemm_small.small_rows` (each weight row read once for all rows; BLAS is slow at that
-    shape); more rows with float weights equal to the compute dtype go to BLAS (numpy's matmul
-    reads each weight once for all rows); int8 weights with several rows are widened in bounded
-    row chunks (2-16 rows: one streamed pass per row); everything else takes :func:`grouped_gemm`.
+    shape); the int8 mode's marked weights take four rows per pass of the VNNI kernel
+    (:func:`_gemv_q8.gemv_int8_q8_rows`, each row bitwise as alone), other int8 weights one streamed
+    pass per row. More rows go to BLAS split over the threads (:mod:`_blas`; 16-bit and int8
+    weights widened tile by tile); everything else takes :func:`grouped_gemm`.
     """
     dtype = compute_dtype(x)
     fast = _linear_fast(x, weight, bias, dtype)
