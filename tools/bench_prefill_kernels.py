@@ -88,25 +88,30 @@ def bench_blas(rounds: int) -> None:
         }, rounds, 5, 2 * m * n * k / 1e9, "GFLOP/s")
 
 
-def _expert(rng, n=5760, k=2880, experts=4):
-    blocks = rng.integers(0, 256, (experts, n, k // 32, 16), dtype=np.uint8)
-    scales = rng.integers(118, 130, (experts, n, k // 32), dtype=np.uint8)
-    return blocks, scales
+def _expert_setup(what: str, seed: int):
+    """A random 4-expert 5760 x 2880 MXFP4 weight and the decode tables, or None (with a line
+    saying so) on a host without AVX-512, where the register-tile kernels do not run."""
+    from gptevo.backends.numba import _moe_grouped, _simd
+    from gptevo.ops.mxfp4 import FP4_VALUES
+    if not _simd.has_avx512():
+        print(f"{what}: no AVX-512 on this host (the register-tile kernels do not run here)")
+        return None
+    rng = np.random.default_rng(seed)
+    n, k = 5760, 2880
+    blocks = rng.integers(0, 256, (4, n, k // 32, 16), dtype=np.uint8)     # [E,N,K/32,16]
+    scales = rng.integers(118, 130, (4, n, k // 32), dtype=np.uint8)        # [E,N,K/32]
+    return rng, blocks, scales, FP4_VALUES.astype(np.float32), _moe_grouped._powers(), n, k
 
 
 def bench_moe(rounds: int) -> None:
     import numba
 
-    from gptevo.backends.numba import _moe_grouped, _moe_tiles, _simd
-    from gptevo.ops.mxfp4 import FP4_VALUES
-    if not _simd.has_avx512():
-        print("moe: no AVX-512 on this host (the register tiles do not run here)")
+    from gptevo.backends.numba import _moe_grouped, _moe_tiles
+    setup = _expert_setup("moe", 0)
+    if setup is None:
         return
+    rng, blocks, scales, values, powers, n, k = setup
     print("grouped MXFP4 expert, 5760 x 2880 (GFLOP/s)")
-    rng = np.random.default_rng(0)
-    blocks, scales = _expert(rng)
-    values, powers = FP4_VALUES.astype(np.float32), _moe_grouped._powers()
-    n, k = scales.shape[1], 32 * scales.shape[2]
     chunk = 4 * max(2, -(-n // (32 * numba.get_num_threads())))
     for g in (4, 16, 64):
         x = rng.standard_normal((g, k)).astype(np.float32)
@@ -121,16 +126,12 @@ def bench_moe(rounds: int) -> None:
 def bench_stream(rounds: int) -> None:
     import numba
 
-    from gptevo.backends.numba import _moe_grouped, _moe_tiles, _mxfp4_gemv, _simd
-    from gptevo.ops.mxfp4 import FP4_VALUES
-    if not _simd.has_avx512():
-        print("stream: no AVX-512 on this host")
+    from gptevo.backends.numba import _moe_tiles, _mxfp4_gemv
+    setup = _expert_setup("stream", 1)
+    if setup is None:
         return
+    rng, blocks, scales, values, powers, n, k = setup
     print("small groups of one MXFP4 expert, 5760 x 2880 (calls per second; higher is faster)")
-    rng = np.random.default_rng(1)
-    blocks, scales = _expert(rng)
-    values, powers = FP4_VALUES.astype(np.float32), _moe_grouped._powers()
-    n, k = scales.shape[1], 32 * scales.shape[2]
     chunk = max(16, -(-n // (8 * numba.get_num_threads())))
     for g in (1, 2, 3):
         x = rng.standard_normal((g, k)).astype(np.float32)
@@ -147,11 +148,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison (default 3)")
     ap.add_argument("--only", default="attention,blas,moe,stream", help="comma-separated subset")
     args = ap.parse_args(argv)
+    benches = {"attention": bench_attention, "blas": bench_blas, "moe": bench_moe, "stream": bench_stream}
+    names = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(benches))
+    if unknown or not names:
+        ap.error(f"--only: unknown or empty {unknown or args.only!r}; choose from {', '.join(benches)}")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     import numba
     print(f"numba {numba.__version__}, {numba.get_num_threads()} threads")
-    benches = {"attention": bench_attention, "blas": bench_blas, "moe": bench_moe, "stream": bench_stream}
-    for name in args.only.split(","):
-        benches[name.strip()](args.rounds)
+    for name in names:
+        benches[name](args.rounds)
     return 0
 
 
