@@ -50,9 +50,9 @@ def load(path=None, backend=None, *, dtype="float32", check_weights=False, mmap=
     check_weights: scan every used tensor for NaN/inf (and MXFP4 scales that decode to them) first.
     mmap:          map the files read-only (default) instead of reading them into private memory.
     weights:       "stored" (every tensor as stored) or "int8" (dense matrices as blockwise int8).
-    See gptevo.model.load for the details.
+    See gptevo.loading.load for the details.
     """
-    from gptevo.model import load as _load
+    from gptevo.loading import load as _load
 
     if path is None:
         from gptevo.bundled import bundled_model_dir

@@ -74,7 +74,7 @@ def load_model(path: str, backend, err=None, weights: str = "stored", dtype: str
     """``gptevo.load`` with a status line on stderr when it is a terminal (loading is memory-mapped,
     so the line covers the header checks and the weight preparation), naming the backend chosen;
     the first compilation of the numba kernels on this machine adds one line saying so."""
-    from gptevo.model import load
+    from gptevo.loading import load
 
     err = err or sys.stderr
     show = hasattr(err, "isatty") and err.isatty()

@@ -367,7 +367,7 @@ _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def resolve_model(weights, backend=None):
     """A loaded model: ``weights`` itself, or ``gptevo.load(weights, backend)`` for a directory path."""
     if isinstance(weights, (str, os.PathLike)):
-        from gptevo.model import load
+        from gptevo.loading import load
 
         return load(weights, backend=backend)
     if not all(hasattr(weights, a) for a in ("config", "forward", "new_cache")):

@@ -92,7 +92,7 @@ def cmd_serve(args, env, stdin, out, err) -> int:
         import uvicorn
     except ImportError:
         raise GptevoError("gptevo serve needs the serve extra: pip install 'gptevo[serve]'") from None
-    from gptevo.model import load
+    from gptevo.loading import load
     from gptevo.serve.app import ServerConfig, create_app
     from gptevo.tokenizer import load_tokenizer
 

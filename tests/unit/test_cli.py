@@ -226,7 +226,7 @@ def test_bundled_info_and_chat():
 
 
 def test_weights_flag_reaches_load(monkeypatch, capsys):
-    import gptevo.model
+    import gptevo.loading
 
     seen = []
 
@@ -234,7 +234,7 @@ def test_weights_flag_reaches_load(monkeypatch, capsys):
         seen.append(weights)
         raise gptevo.GptevoError("stop here")
 
-    monkeypatch.setattr(gptevo.model, "load", fake_load)
+    monkeypatch.setattr(gptevo.loading, "load", fake_load)
     rc, _, err = run(["generate", "--weights", "int8", "--ids", "1 2"])
     assert seen == ["int8"] and rc == 2 and "stop here" in err
     rc, _, _ = run(["generate", "--weights", "int4", "--ids", "1 2"])

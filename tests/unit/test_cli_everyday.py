@@ -99,7 +99,7 @@ def test_numerical_error_remedies_are_flags(bundled):
 
 
 def test_dtype_and_check_weights_reach_load(monkeypatch):
-    import gptevo.model
+    import gptevo.loading
 
     seen = []
 
@@ -107,7 +107,7 @@ def test_dtype_and_check_weights_reach_load(monkeypatch):
         seen.append(kw)
         raise gptevo.GptevoError("stop here")
 
-    monkeypatch.setattr(gptevo.model, "load", fake_load)
+    monkeypatch.setattr(gptevo.loading, "load", fake_load)
     rc = cli.main(["generate", "--dtype", "float64", "--check-weights", "--ids", "1"], env={},
                   stdin=io.StringIO(), stdout=io.StringIO(), stderr=io.StringIO())
     assert rc == 2 and seen[0]["dtype"] == "float64" and seen[0]["check_weights"] is True
