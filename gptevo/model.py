@@ -141,6 +141,7 @@ class Model:
         self.dtype = compute_dtype(dtype)
         self.checkpoint = checkpoint            # keeps memory-mapped files open
         self._rope_by_length: dict = {}         # batched steps: RoPE frequencies by sequence length
+        self._fused_step = None                 # the backend's one-token decode step, built on first use
         if config.position == "rope":
             # fail at load time, not at the first call, on a bad rope config
             self._rope_frequencies(config.max_position_embeddings)
@@ -223,12 +224,30 @@ class Model:
                                f"{cache.length + ids.shape[0]} positions, but the cache holds "
                                f"max_tokens={cache.max_tokens}")
         before = cache.length
+        if ids.shape[0] == 1:
+            out = self._fused_decode(int(ids[0]), cache)
+            if out is not None:
+                return out                                                             # [1,V]
         try:
             return self._run(ids, cache=cache, record=None, last_only=logits == "last").astype(np.float32, copy=False)
         except BaseException as exc:
             if any(n != before for n in cache._lengths):
                 cache.broken = f"{type(exc).__name__} at position {before}"
             raise
+
+    def _fused_decode(self, token: int, cache: KVCache):
+        """Logits ``[1, V]`` from the backend's fused one-token step (its ``decode_program`` hook, e.g.
+        the numba backend's single-region GPT-2 step), or None: no such step for this model and
+        cache, and the ops run instead. The step writes the cache exactly as the ops would."""
+        if self._fused_step is None:
+            make = getattr(self.backend, "decode_program", None)
+            self._fused_step = (make(self.config, self.weights, self.dtype) if make is not None else None) or False
+        if self._fused_step is False:
+            return None
+        check = getattr(self.checkpoint, "check_unchanged", None)
+        if check is not None:
+            check()
+        return self._fused_step(token, cache)
 
     def forward_batch(self, token_ids, caches) -> np.ndarray:
         """float32 logits ``[B, vocab]``: one new token per sequence, ``token_ids[b]`` at position

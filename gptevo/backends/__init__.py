@@ -66,9 +66,13 @@ class Backend:
     ``prepare_weights(weights, config, mode) -> weights`` is the backend module's optional load-time
     hook (fused projections, resident pages, its own layouts; see gptevo.prepare); ``mode`` is the
     load's weight mode ("stored" or "int8"). None when absent.
+    ``decode_program(config, weights, dtype) -> step | None`` is the optional fused one-token decode
+    hook: ``step(token, cache)`` returns logits ``[1, V]`` (or None to let the ops run) and updates the
+    cache as the ops would (see Model.forward_on_backend). None when absent.
     """
 
-    def __init__(self, name: str, ops: Mapping[str, Callable], prepare_weights: Callable | None = None):
+    def __init__(self, name: str, ops: Mapping[str, Callable], prepare_weights: Callable | None = None,
+                 decode_program: Callable | None = None):
         from gptevo.ops import REGISTRY
         from gptevo.ops.spec import unchecked, validated
 
@@ -78,6 +82,7 @@ class Backend:
         self.ops = MappingProxyType({op: fn if checks[op] is None else validated(checks[op], fn)
                                      for op, fn in self.impls.items()})
         self.prepare_weights = prepare_weights
+        self.decode_program = decode_program
 
     def __getattr__(self, op_name: str) -> Callable:
         try:
@@ -189,7 +194,7 @@ def get(name: str) -> Backend:
     ops = getattr(module, "OPS", None)
     if not isinstance(ops, Mapping):
         raise BackendError(f"backend {name!r} does not define an OPS mapping")
-    backend = Backend(name, ops, getattr(module, "prepare_weights", None))
+    backend = Backend(name, ops, getattr(module, "prepare_weights", None), getattr(module, "decode_program", None))
     _LOADED[name] = backend
     return backend
 

@@ -28,6 +28,9 @@ Notes per op (where a numba op is not a plain kernel):
   sources, or numba's user cache directory when that is read-only), so a second process starts
   without compiling. :func:`prepare_weights` (the load-time hook) fuses q|k|v and gate|up and makes
   mapped weight pages resident.
+- :func:`decode_program` (the fused-step hook): GPT-2-style models decode one token in a single
+  parallel region with spin barriers between dependent steps (:mod:`_fused_decode`), instead of ~8
+  regions per layer; other models, prefill and batched steps run the ops.
 """
 from __future__ import annotations
 
@@ -80,6 +83,17 @@ def prepare_weights(weights, config, mode="stored"):
                     setattr(layer, name, prepare(w, mode="int8", copy=False))
     make_private(weights)
     return weights
+
+
+def decode_program(config, weights, dtype):
+    """The fused one-token decode step for this model (``_fused_decode.plan``: GPT-2-style models on
+    an AVX-512 host, the whole step in one parallel region), or None. ``GPTEVO_FUSED_DECODE=0`` in
+    the environment turns it off (the ops then run one by one, e.g. to compare the two)."""
+    if os.environ.get("GPTEVO_FUSED_DECODE", "1") == "0" or _IMPORT_ERROR is not None:
+        return None
+    from gptevo.backends.numba._fused_decode import plan
+
+    return plan(config, weights, dtype)
 
 
 def probe() -> str | None:

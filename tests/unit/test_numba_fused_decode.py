@@ -1,0 +1,220 @@
+"""The numba backend's fused one-token decode step (gptevo/backends/numba/_fused_decode.py) and the
+spin barrier it relies on (_atomics.py).
+
+The fused step must give what the ops give, token after token: the same logits within float32
+summation-order differences, the same KV cache contents; it must agree with the reference backend
+within the conformance tolerance; and when its threads cannot all run at once it must do nothing and
+let the ops run (the model's logits stay right).
+"""
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from _builders import tiny_models
+from gptevo import backends
+from gptevo.model import Model
+from gptevo.weights import LayerWeights, ModelWeights
+
+numba = pytest.importorskip("numba")
+if "numba" not in backends.available():
+    pytest.skip("numba backend unavailable", allow_module_level=True)
+
+from gptevo.backends.numba import _atomics, _fused_decode  # noqa: E402
+from gptevo.backends.numba._simd import has_avx512  # noqa: E402
+from gptevo.prepare import fuse_projections  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not has_avx512(), reason="the fused step needs AVX-512 (plan() returns None)")
+
+PROMPT = [3, 17, 42, 5, 9]
+STEPS = [11, 60, 2, 33, 8, 12, 50]
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _gpt2_weights(config, dtype, seed, bias=True):
+    """ModelWeights for a GPT-2-style ``config`` (any head counts) with q|k|v fused, as the numba
+    backend's load-time hook leaves them; ``dtype`` float32 or bfloat16; ``bias=False`` drops every
+    projection bias."""
+    roles = tiny_models.store_dtype(tiny_models.make_roles(config, seed), dtype)
+
+    def cast(a):
+        return None if a is None else np.ascontiguousarray(np.asarray(a).astype(dtype))
+
+    layers = []
+    for L in roles["layers"]:
+        fields = {k: cast(v) for k, v in L.items()}
+        if not bias:
+            for k in ("bq", "bk", "bv", "bo", "b_fc", "b_proj"):
+                fields.pop(k, None)
+        layers.append(LayerWeights(**fields))
+    embed = cast(roles["embed"])
+    w = ModelWeights(embed=embed, final_norm=cast(roles["final_norm"]), lm_head=embed, layers=layers,
+                     pos_embed=cast(roles["pos_embed"]), final_norm_bias=cast(roles["final_norm_bias"]),
+                     tied=True)
+    return fuse_projections(w)
+
+
+GQA = dataclasses.replace(tiny_models.GPT2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                          intermediate_size=96, num_layers=3, attn_scale_inverse_layer=True)
+CASES = {
+    "gpt2_f32": (tiny_models.GPT2, np.float32, True),
+    "gpt2_bf16": (tiny_models.GPT2, ml_dtypes.bfloat16, True),
+    "gqa_no_bias_f32": (dataclasses.replace(GQA, qkv_bias=False, o_bias=False, mlp_bias=False), np.float32, False),
+    "gqa_bf16": (GQA, ml_dtypes.bfloat16, True),
+}
+
+
+def _decode(model, steps=STEPS, max_tokens=16):
+    cache = model.new_cache(max_tokens)
+    model.forward(PROMPT, cache)
+    return np.concatenate([model.forward([t], cache) for t in steps]), cache
+
+
+@pytest.fixture
+def ops_only(monkeypatch):
+    """A function making a twin model that never takes the fused step."""
+    def make(config, weights, backend="numba"):
+        m = Model(config, weights, backend=backend)
+        m._fused_step = False
+        return m
+    return make
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_step_equals_the_ops(case, ops_only):
+    config, dtype, bias = CASES[case]
+    weights = _gpt2_weights(config, dtype, seed=7, bias=bias)
+    fused = Model(config, weights, backend="numba")
+    got, cache = _decode(fused)
+    assert isinstance(fused._fused_step, _fused_decode.FusedDecode) and not fused._fused_step.disabled
+    want, want_cache = _decode(ops_only(config, weights))
+    assert _rel(got, want) <= 1e-5, case
+    assert cache.length == want_cache.length == len(PROMPT) + len(STEPS)
+    for i in range(config.num_layers):
+        n = cache.length
+        np.testing.assert_array_equal(cache.positions[i], want_cache.positions[i])
+        assert _rel(cache.keys[i][:n], want_cache.keys[i][:n]) <= 1e-5
+        assert _rel(cache.values[i][:n], want_cache.values[i][:n]) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["gpt2_f32", "gqa_bf16"])
+def test_fused_step_matches_the_reference_backend(case, ops_only):
+    config, dtype, bias = CASES[case]
+    weights = _gpt2_weights(config, dtype, seed=11, bias=bias)
+    got, _ = _decode(Model(config, weights, backend="numba"))
+    want, _ = _decode(ops_only(config, weights, backend="reference"))
+    assert _rel(got, want) <= 1e-4
+
+
+def test_fused_step_on_one_thread(ops_only):
+    config, dtype, bias = CASES["gpt2_f32"]
+    weights = _gpt2_weights(config, dtype, seed=3)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        got, _ = _decode(Model(config, weights, backend="numba"))
+    finally:
+        numba.set_num_threads(before)
+    want, _ = _decode(ops_only(config, weights))
+    assert _rel(got, want) <= 1e-5
+
+
+def test_loaded_gpt2_checkpoint_takes_the_fused_step(tiny_case):
+    config, _, ref_model = tiny_case("gpt2_f32")
+    model = tiny_models.build(config, ref_model.path, backend="numba")      # the load-time hook fuses q|k|v
+    got, _ = _decode(model)
+    assert isinstance(model._fused_step, _fused_decode.FusedDecode)
+    want, _ = _decode(ref_model)
+    assert _rel(got, want) <= 1e-4
+
+
+def test_threads_that_cannot_meet_fall_back_to_the_ops(monkeypatch, ops_only):
+    """More iterations than threads: one thread runs two iterations in turn, the rendezvous times out,
+    the step computes nothing (cache untouched) and the model runs the ops from then on."""
+    config, dtype, bias = CASES["gpt2_f32"]
+    weights = _gpt2_weights(config, dtype, seed=5)
+    model = Model(config, weights, backend="numba")
+    monkeypatch.setattr(_fused_decode.numba, "get_num_threads", lambda: numba.config.NUMBA_NUM_THREADS + 1)
+    cache = model.new_cache(16)
+    model.forward(PROMPT, cache)
+    keys_before = [k.copy() for k in cache.keys]
+    step = _fused_decode.plan(config, weights)
+    assert step(STEPS[0], cache) is None and step.disabled
+    assert cache.length == len(PROMPT)
+    for k, k0 in zip(cache.keys, keys_before):
+        np.testing.assert_array_equal(k, k0)
+    got, _ = _decode(model)
+    want, _ = _decode(ops_only(config, weights))
+    assert model._fused_step.disabled and _rel(got, want) <= 1e-5
+
+
+def test_plan_refuses_other_models(tiny_case):
+    for name in ("llama_f32", "qwen3_bf16", "gptoss_mxfp4"):
+        config, _, ref_model = tiny_case(name)
+        weights = fuse_projections(ref_model.weights)
+        assert _fused_decode.plan(config, weights) is None, name
+    config, dtype, _ = CASES["gpt2_f32"]
+    weights = _gpt2_weights(config, dtype, seed=1)
+    assert _fused_decode.plan(config, weights, dtype=np.float64) is None
+    windowed = dataclasses.replace(config, sliding_window=4, layer_types=("sliding", "full"))
+    assert _fused_decode.plan(windowed, weights) is None
+    unfused = _gpt2_weights(config, dtype, seed=1)
+    for layer in unfused.layers:
+        layer.wqkv = None
+    assert _fused_decode.plan(config, unfused) is None
+
+
+def test_a_cache_the_step_cannot_take_is_left_to_the_ops():
+    config, dtype, _ = CASES["gpt2_f32"]
+    weights = _gpt2_weights(config, dtype, seed=2)
+    model = Model(config, weights, backend="numba")
+    step = _fused_decode.plan(config, weights)
+    cache = model.new_cache(len(PROMPT))
+    model.forward(PROMPT, cache)
+    assert step(1, cache) is None and not step.disabled           # full: no room for a position
+    broken = model.new_cache(8)
+    broken.broken = "test"
+    assert step(1, broken) is None
+
+
+@numba.njit(parallel=True, cache=False)
+def _barrier_rounds(slots, rounds, sync, seen_wrong):
+    n = slots.shape[0]
+    for t in numba.prange(n):
+        if not _atomics.rendezvous(sync, n):
+            continue
+        gen = 0
+        for r in range(1, rounds + 1):
+            slots[t] = r
+            gen += 1
+            _atomics.barrier(sync, n, gen)
+            for u in range(n):
+                if slots[u] != r:
+                    seen_wrong[t] += 1
+            gen += 1
+            _atomics.barrier(sync, n, gen)
+
+
+def test_barrier_orders_every_round():
+    n = numba.get_num_threads()
+    slots = np.zeros(n, np.int64)
+    wrong = np.zeros(n, np.int64)
+    sync = np.zeros(_atomics.SYNC_SIZE, np.int64)
+    _barrier_rounds(slots, 500, sync, wrong)
+    assert sync[_atomics.VERDICT] == 1
+    assert wrong.sum() == 0 and (slots == 500).all()
+    assert sync[_atomics.ARRIVALS] == 2 * 500 * n
+
+
+def test_rendezvous_of_more_iterations_than_threads_fails_for_all():
+    n = numba.config.NUMBA_NUM_THREADS + 1
+    slots = np.zeros(n, np.int64)
+    wrong = np.zeros(n, np.int64)
+    sync = np.zeros(_atomics.SYNC_SIZE, np.int64)
+    _barrier_rounds(slots, 3, sync, wrong)
+    assert sync[_atomics.VERDICT] == 2
+    assert (slots == 0).all() and sync[_atomics.ARRIVALS] == 0
