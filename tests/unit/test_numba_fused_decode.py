@@ -138,7 +138,7 @@ def test_threads_that_cannot_meet_fall_back_to_the_ops(monkeypatch, ops_only):
     config, dtype, bias = CASES["gpt2_f32"]
     weights = _gpt2_weights(config, dtype, seed=5)
     model = Model(config, weights, backend="numba")
-    monkeypatch.setattr(_fused_decode.numba, "get_num_threads", lambda: numba.config.NUMBA_NUM_THREADS + 1)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: numba.config.NUMBA_NUM_THREADS + 1)
     cache = model.new_cache(16)
     model.forward(PROMPT, cache)
     keys_before = [k.copy() for k in cache.keys]
@@ -153,7 +153,7 @@ def test_threads_that_cannot_meet_fall_back_to_the_ops(monkeypatch, ops_only):
 
 
 def test_plan_refuses_other_models(tiny_case):
-    for name in ("llama_f32", "qwen3_bf16", "gptoss_mxfp4"):
+    for name in ("llama_f32", "qwen3_bf16"):
         config, _, ref_model = tiny_case(name)
         weights = fuse_projections(ref_model.weights)
         assert _fused_decode.plan(config, weights) is None, name
@@ -218,3 +218,62 @@ def test_rendezvous_of_more_iterations_than_threads_fails_for_all():
     _barrier_rounds(slots, 3, sync, wrong)
     assert sync[_atomics.VERDICT] == 2
     assert (slots == 0).all() and sync[_atomics.ARRIVALS] == 0
+
+
+# --- gpt-oss: RMSNorm, RoPE, sinks, sliding windows, MXFP4 experts (exact and int8 modes) ----------
+
+MID_OSS = dataclasses.replace(tiny_models.GPTOSS, hidden_size=576, num_heads=8, num_kv_heads=2, head_dim=64,
+                              intermediate_size=288, moe_intermediate_size=288)   # int8 kernels, with tails
+
+
+def _oss_checkpoint(tmp_path, config, seed):
+    from gptevo.checkpoint import Checkpoint
+
+    roles = tiny_models.quantize_experts(tiny_models.store_dtype(tiny_models.make_roles(config, seed),
+                                                                 ml_dtypes.bfloat16))
+    path = tiny_models.write(tmp_path, f"oss{seed}", tiny_models.hf_tensors(config, roles), ml_dtypes.bfloat16)
+    return lambda mode="stored", backend="numba": Model.from_checkpoint(config, Checkpoint(path), backend=backend,
+                                                                       weights=mode)
+
+
+def _oss_steps(model, n=12, fused=True):
+    """Prompt then n single tokens: past the window (3) so the ring slots wrap; logits per step."""
+    if not fused:
+        model._fused_step = False
+    cache = model.new_cache(len(PROMPT) + n)
+    model.forward(PROMPT, cache)
+    out = [model.forward([t], cache) for t in (STEPS * 2)[:n]]
+    return out, cache
+
+
+@pytest.mark.parametrize("config", [tiny_models.GPTOSS, MID_OSS], ids=["tiny", "mid"])
+def test_gptoss_exact_mode_equals_the_ops_and_the_reference(tmp_path, config):
+    make = _oss_checkpoint(tmp_path, config, seed=3)
+    model = make()
+    got, cache = _oss_steps(model)
+    assert type(model._fused_step).__name__ == "GptOssStep" and not model._fused_step.moe_int8
+    want, want_cache = _oss_steps(make(), fused=False)
+    ref, _ = _oss_steps(make(backend="reference"), fused=False)
+    for a, b, r in zip(got, want, ref):       # no farther from the reference than the ops are (plus 1e-4)
+        assert _rel(a, b) <= 1e-5 and _rel(a, r) <= 1e-4 + 2 * _rel(b, r)
+    for i in range(config.num_layers):                        # ring slots of the sliding layers included
+        np.testing.assert_array_equal(cache.positions[i], want_cache.positions[i])
+        assert _rel(cache.keys[i], want_cache.keys[i]) <= 1e-5
+        assert _rel(cache.values[i], want_cache.values[i]) <= 1e-5
+
+
+def test_gptoss_int8_mode_follows_the_int8_ops(tmp_path):
+    """int8 mode quantizes activations, so an input that differs in its last bit (attention sums in
+    another order) can round one int8 value differently: steps then differ by far more than float
+    rounding. Most steps must still agree to float rounding (a wrong kernel would differ at every
+    step), and every step must stay much closer to the int8 ops than int8 is to exact."""
+    make = _oss_checkpoint(tmp_path, MID_OSS, seed=4)
+    model = make("int8")
+    got, _ = _oss_steps(model)
+    assert model._fused_step.dense_q8 and model._fused_step.moe_int8
+    want, _ = _oss_steps(make("int8"), fused=False)
+    exact, _ = _oss_steps(make("stored"), fused=False)
+    errs = [_rel(a, b) for a, b in zip(got, want)]
+    int8_errs = [_rel(b, e) for b, e in zip(want, exact)]
+    assert sum(e <= 1e-5 for e in errs) >= len(errs) // 2, errs
+    assert max(errs) <= 0.25 * max(int8_errs), (errs, int8_errs)

@@ -28,6 +28,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from gptevo.backends.numba._fused_rows import Q8_FLIP, rows_q8
 from gptevo.backends.numba._simd import (
     dpbusd_x86, f32x16_zero, has_vnni, hsum, i32_to_f32, i32x16_bcast, i32x16_zero, ixor, load_f32x16,
     load_i32x16, permps, vadd, vfma, vmul,
@@ -35,7 +36,7 @@ from gptevo.backends.numba._simd import (
 from gptevo.ops.int8 import Int8Weight
 
 _OPTS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
-_FLIP = np.int32(-0x7F7F7F80)          # 0x80808080: xor turns int8 q into unsigned q + 128
+_FLIP = Q8_FLIP                        # 0x80808080: xor turns int8 q into unsigned q + 128
 # Lane picks: vector p of a 16-block window holds blocks 2p (lanes 0-7) and 2p+1 (lanes 8-15).
 PICK = np.array([[2 * p + (lane >= 8) for lane in range(16)] for p in range(8)], np.int32)   # [8,16]
 
@@ -67,42 +68,12 @@ def quantize_row(x, xq, xs, corr):
 @numba.njit(parallel=True, **_OPTS)
 def gemv_q8(q, scales, xq, xs, corr, bias, out, chunk, pick):
     """q [N,K] int8, scales [N,K/32] float32 (C-contiguous); xq/xs/corr from quantize_row;
-    bias [N] or [0]; out [N] float32; pick = PICK."""
-    n_rows, k = q.shape
-    nb = k // 32
-    n_sb = nb // 16
+    bias [N] or [0]; out [N] float32; pick = PICK. Each chunk of rows is ``_fused_rows.rows_q8``
+    (the fused decode step calls the same function on its share, so both give the same bits)."""
+    n_rows = q.shape[0]
     has_bias = bias.shape[0] == n_rows
-    flip = i32x16_bcast(_FLIP)
     for c in prange((n_rows + chunk - 1) // chunk):
-        for n in range(c * chunk, min(n_rows, (c + 1) * chunk)):
-            base = n * k
-            sbase = n * nb
-            acc0 = f32x16_zero()
-            acc1 = f32x16_zero()
-            accc = f32x16_zero()
-            for sb in range(n_sb):
-                b0 = 16 * sb
-                c16 = vmul(load_f32x16(scales, sbase + b0), load_f32x16(xs, b0))     # [16] s * xs
-                accc = vfma(c16, load_f32x16(corr, b0), accc)
-                for p in range(0, 8, 2):
-                    o = 32 * (b0 + 2 * p)
-                    d0 = dpbusd_x86(i32x16_zero(), ixor(load_i32x16(q, base + o), flip), load_i32x16(xq, o))
-                    d1 = dpbusd_x86(i32x16_zero(), ixor(load_i32x16(q, base + o + 64), flip), load_i32x16(xq, o + 64))
-                    acc0 = vfma(i32_to_f32(d0), permps(c16, load_i32x16(pick, 64 * p)), acc0)
-                    acc1 = vfma(i32_to_f32(d1), permps(c16, load_i32x16(pick, 64 * p + 64)), acc1)
-            tail = np.float32(0)
-            t0 = 16 * n_sb
-            if t0 < nb:                                   # the last nb % 16 blocks, in the window nb-16..nb
-                w0 = nb - 16
-                c16 = vmul(load_f32x16(scales, sbase + w0), load_f32x16(xs, w0))
-                for b in range(t0, nb, 2):
-                    o = 32 * b
-                    d0 = dpbusd_x86(i32x16_zero(), ixor(load_i32x16(q, base + o), flip), load_i32x16(xq, o))
-                    acc0 = vfma(i32_to_f32(d0), permps(c16, load_i32x16(pick, 32 * (b - w0))), acc0)
-                for b in range(t0, nb):
-                    tail += scales[n, b] * xs[b] * corr[b]
-            y = hsum(vadd(acc0, acc1)) - hsum(accc) - tail
-            out[n] = y + bias[n] if has_bias else y
+        rows_q8(q, scales, xq, xs, corr, bias, has_bias, c * chunk, min(n_rows, (c + 1) * chunk), out, pick)
 
 
 @numba.njit(parallel=True, **_OPTS)
