@@ -129,3 +129,19 @@ def rendezvous(sync, n_threads):
             if yields >= RENDEZVOUS_YIELDS:
                 atomic_cas(sync, VERDICT, 0, 2)
     return atomic_load(sync, VERDICT) == 1
+
+
+@kjit
+def take_chunk(work, slot, n_items, chunk):
+    """The next ``[lo, hi)`` of ``n_items`` items in chunks of ``chunk``, from the shared counter
+    ``work[slot]`` (zeroed before the region): each chunk goes to exactly one thread, so threads that
+    stream faster take more chunks (dynamic scheduling). ``lo >= n_items`` when none is left."""
+    c = atomic_add(work, slot, 1)
+    lo = c * chunk
+    return lo, min(n_items, lo + chunk)
+
+
+def chunk_size(n_items: int, n_threads: int, multiple: int = 1) -> int:
+    """Items per chunk: about 8 chunks per thread, at least 16 items, a multiple of ``multiple``."""
+    c = max(16, -(-n_items // (8 * max(1, n_threads))))
+    return -(-c // multiple) * multiple

@@ -22,7 +22,7 @@ from numba import prange
 
 from gptevo.backends.numba import _gemv_q8
 from gptevo.backends.numba import _mxfp4_gemv as mg
-from gptevo.backends.numba._atomics import barrier, rendezvous
+from gptevo.backends.numba._atomics import barrier, chunk_size, rendezvous, take_chunk
 from gptevo.backends.numba._elementwise import _rms_norm_rows, clamped_swiglu1
 from gptevo.backends.numba._fused_decode import FusedDecode, f32_vector, kv_addresses, weight_kind
 from gptevo.backends.numba._fused_rows import attend_heads, rope_heads, rows_bf16, rows_q8, split_even_odd
@@ -39,7 +39,7 @@ def _make(dense_q8: bool, moe_int8: bool):
              sinks, has_sinks, gu_bias, dn_bias, has_expert_bias, kv_addr, slots, windows, cos, sin, interleaved,
              eps, offset, scale, n_heads, n_kv, head_dim, top_k, softmax_first, renormalize, alpha, limit,
              qkv, o, hbuf, act, ae, ao, aqe, aqo, asl, acorr, tmp, logits, table, powers, const, pick,
-             sync, n_threads):
+             sync, work, chunks, n_threads):
         """See the module doc. x [D] float32 (updated in place); waddr [L,9] int64, per layer the data
         addresses of wqkv, its Q8 scales, wo, its Q8 scales (dense: lm_head's dtype, bf16 bits or Q8
         int8 values; scales float32 [N,K/32]), router [E,D] bf16 bits, gate_up blocks, gate_up scales,
@@ -83,22 +83,27 @@ def _make(dense_q8: bool, moe_int8: bool):
             rw = np.empty((1, top_k), np.float32)
             rid = np.empty((1, top_k), np.int64)
             scores = np.empty(pos + 1)                                          # [S] float64
+            yb = np.empty((top_k, chunks[1]), np.float32)                        # down rows of a chunk
             x2 = x.reshape(1, d_model)
             g_lo, g_hi = n_kv * t // n_threads, n_kv * (t + 1) // n_threads
             for layer in range(n_layers):
                 # q|k|v rows
                 _rms_norm_rows(x2, ln1[layer], eps, offset, h)
                 n_rows = n_q + 2 * n_kvd
-                lo, hi = n_rows * t // n_threads, n_rows * (t + 1) // n_threads
+                w = numba.carray(pointer_like(waddr[layer, 0], lm_head), (n_rows, d_model))
+                ws = numba.carray(pointer_like(waddr[layer, 1], lm_head_s), (n_rows, nb_d if dense_q8 else 1))
                 if dense_q8:
                     _gemv_q8.quantize_row(h[0], hq, hs, hc)
-                    w = numba.carray(pointer_like(waddr[layer, 0], lm_head), (n_rows, d_model))
-                    ws = numba.carray(pointer_like(waddr[layer, 1], lm_head_s), (n_rows, nb_d))
-                    rows_q8(w, ws, hq, hs, hc, bqkv[layer], True, lo, hi, qkv, pick)
                 else:
                     split_even_odd(h[0], he, ho)
-                    w = numba.carray(pointer_like(waddr[layer, 0], lm_head), (n_rows, d_model))
-                    rows_bf16(w, he, ho, bqkv[layer], True, lo, hi, qkv)
+                while True:
+                    lo, hi = take_chunk(work, gen, n_rows, chunks[0])
+                    if lo >= n_rows:
+                        break
+                    if dense_q8:
+                        rows_q8(w, ws, hq, hs, hc, bqkv[layer], True, lo, hi, qkv, pick)
+                    else:
+                        rows_bf16(w, he, ho, bqkv[layer], True, lo, hi, qkv)
                 gen += 1
                 barrier(sync, n_threads, gen)
                 # this thread's KV groups: RoPE, cache slot, attention
@@ -119,18 +124,22 @@ def _make(dense_q8: bool, moe_int8: bool):
                 gen += 1
                 barrier(sync, n_threads, gen)
                 # output projection, residual
-                lo, hi = d_model * t // n_threads, d_model * (t + 1) // n_threads
+                w = numba.carray(pointer_like(waddr[layer, 2], lm_head), (d_model, n_q))
+                ws = numba.carray(pointer_like(waddr[layer, 3], lm_head_s), (d_model, n_q // 32 if dense_q8 else 1))
                 if dense_q8:
                     _gemv_q8.quantize_row(o, oq, os_, oc)
-                    w = numba.carray(pointer_like(waddr[layer, 2], lm_head), (d_model, n_q))
-                    ws = numba.carray(pointer_like(waddr[layer, 3], lm_head_s), (d_model, n_q // 32))
-                    rows_q8(w, ws, oq, os_, oc, bo[layer], True, lo, hi, tmp, pick)
                 else:
                     split_even_odd(o, oe, oo)
-                    w = numba.carray(pointer_like(waddr[layer, 2], lm_head), (d_model, n_q))
-                    rows_bf16(w, oe, oo, bo[layer], True, lo, hi, tmp)
-                for r in range(lo, hi):
-                    x[r] += tmp[r]
+                while True:
+                    lo, hi = take_chunk(work, gen, d_model, chunks[1])
+                    if lo >= d_model:
+                        break
+                    if dense_q8:
+                        rows_q8(w, ws, oq, os_, oc, bo[layer], True, lo, hi, tmp, pick)
+                    else:
+                        rows_bf16(w, oe, oo, bo[layer], True, lo, hi, tmp)
+                    for r in range(lo, hi):
+                        x[r] += tmp[r]
                 gen += 1
                 barrier(sync, n_threads, gen)
                 # every thread: norm, router, top-k; then gate_up rows of the chosen experts
@@ -142,23 +151,25 @@ def _make(dense_q8: bool, moe_int8: bool):
                 if moe_int8:
                     mg._quantize_rows(h, nb_d, xqe, xqo, xsl, xcorr)
                 total = top_k * n_exp_rows
-                lo = (total * t // n_threads) // 2 * 2
-                hi = (total * (t + 1) // n_threads) // 2 * 2 if t + 1 < n_threads else total
                 blocks = numba.carray(pointer_like(waddr[layer, 5], u8_like), n_experts * n_exp_rows * nb_d * 16)
                 sc = numba.carray(pointer_like(waddr[layer, 6], u8_like), n_experts * n_exp_rows * nb_d)
-                for f in range(lo, hi):
-                    u = f // n_exp_rows
-                    e = rid[0, u]
-                    row = e * n_exp_rows + f % n_exp_rows
-                    if moe_int8:
-                        y = mg._row_int8(blocks, row * nb_d * 16, sc, row * nb_d, xqe, xqo, xsl, xcorr, 0, nb_d,
-                                         const, True)
-                    else:
-                        y = mg._row_exact_avx512(blocks, row * nb_d * 16, sc, row * nb_d, he, 0, ho, nb_d, table,
-                                                 powers)
-                    hbuf[f] = y + gu_bias[layer, e, f % n_exp_rows] if has_expert_bias else y
-                for f in range(lo, hi, 2):
-                    act[f // 2] = clamped_swiglu1(float(hbuf[f]), float(hbuf[f + 1]), alpha, limit)
+                while True:                                  # chunks of an even size: SwiGLU pairs stay whole
+                    lo, hi = take_chunk(work, gen, total, chunks[2])
+                    if lo >= total:
+                        break
+                    for f in range(lo, hi):
+                        u = f // n_exp_rows
+                        e = rid[0, u]
+                        row = e * n_exp_rows + f % n_exp_rows
+                        if moe_int8:
+                            y = mg._row_int8(blocks, row * nb_d * 16, sc, row * nb_d, xqe, xqo, xsl, xcorr, 0, nb_d,
+                                             const, True)
+                        else:
+                            y = mg._row_exact_avx512(blocks, row * nb_d * 16, sc, row * nb_d, he, 0, ho, nb_d,
+                                                     table, powers)
+                        hbuf[f] = y + gu_bias[layer, e, f % n_exp_rows] if has_expert_bias else y
+                    for f in range(lo, hi, 2):
+                        act[f // 2] = clamped_swiglu1(float(hbuf[f]), float(hbuf[f + 1]), alpha, limit)
                 gen += 1
                 barrier(sync, n_threads, gen)
                 # the down projection's inputs, one expert row per thread in turn
@@ -175,34 +186,43 @@ def _make(dense_q8: bool, moe_int8: bool):
                 # down rows of every chosen expert, weighted sum (slot order), residual
                 blocks = numba.carray(pointer_like(waddr[layer, 7], u8_like), n_experts * d_model * nb_i * 16)
                 sc = numba.carray(pointer_like(waddr[layer, 8], u8_like), n_experts * d_model * nb_i)
-                lo, hi = d_model * t // n_threads, d_model * (t + 1) // n_threads
-                for r in range(lo, hi):
-                    acc = np.float32(0)
+                while True:              # per chunk of output rows: each expert's rows in turn, then the sum
+                    lo, hi = take_chunk(work, gen, d_model, chunks[1])
+                    if lo >= d_model:
+                        break
                     for u in range(top_k):
                         e = rid[0, u]
-                        row = e * d_model + r
-                        if moe_int8:
-                            y = mg._row_int8(blocks, row * nb_i * 16, sc, row * nb_i, aqe, aqo, asl, acorr, u,
-                                             nb_i, const, True)
-                        else:
-                            y = mg._row_exact_avx512(blocks, row * nb_i * 16, sc, row * nb_i, ae, u * nb_i * 16,
-                                                     ao, nb_i, table, powers)
-                        if has_expert_bias:
-                            y = y + dn_bias[layer, e, r]
-                        acc += rw[0, u] * y
-                    x[r] += acc
+                        for r in range(lo, hi):
+                            row = e * d_model + r
+                            if moe_int8:
+                                y = mg._row_int8(blocks, row * nb_i * 16, sc, row * nb_i, aqe, aqo, asl, acorr, u,
+                                                 nb_i, const, True)
+                            else:
+                                y = mg._row_exact_avx512(blocks, row * nb_i * 16, sc, row * nb_i, ae, u * nb_i * 16,
+                                                         ao, nb_i, table, powers)
+                            yb[u, r - lo] = y + dn_bias[layer, e, r] if has_expert_bias else y
+                    for r in range(lo, hi):
+                        acc = np.float32(0)
+                        for u in range(top_k):
+                            acc += rw[0, u] * yb[u, r - lo]
+                        x[r] += acc
                 gen += 1
                 barrier(sync, n_threads, gen)
             # final norm and the output head
             _rms_norm_rows(x2, lnf, eps, offset, h)
             n_rows = logits.shape[0]
-            lo, hi = n_rows * t // n_threads, n_rows * (t + 1) // n_threads
             if dense_q8:
                 _gemv_q8.quantize_row(h[0], hq, hs, hc)
-                rows_q8(lm_head, lm_head_s, hq, hs, hc, bo[0], False, lo, hi, logits, pick)
             else:
                 split_even_odd(h[0], he, ho)
-                rows_bf16(lm_head, he, ho, bo[0], False, lo, hi, logits)
+            while True:
+                lo, hi = take_chunk(work, gen + 1, n_rows, chunks[3])
+                if lo >= n_rows:
+                    break
+                if dense_q8:
+                    rows_q8(lm_head, lm_head_s, hq, hs, hc, bo[0], False, lo, hi, logits, pick)
+                else:
+                    rows_bf16(lm_head, he, ho, bo[0], False, lo, hi, logits)
 
     step.__name__ = step.__qualname__ = f"fused_gptoss_{'q8' if dense_q8 else 'bf16'}_{'int8' if moe_int8 else 'exact'}"
     return numba.njit(parallel=True, **_OPTS)(step)
@@ -357,8 +377,16 @@ class GptOssStep(FusedDecode):
         cos, sin = rope_cos_sin(np.array([pos], np.int64), inv_freq, factor)                   # [1,R/2] each
         return cos[0], sin[0]
 
+    def _chunks(self, n_threads):
+        """Rows per work chunk: q|k|v, D-row stages (o, down), gate_up pairs, the head."""
+        c = self.config
+        n_qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        return np.array([chunk_size(n_qkv, n_threads), chunk_size(c.hidden_size, n_threads),
+                         chunk_size(self.hbuf.shape[0], n_threads, 2), chunk_size(self.n_vocab, n_threads)], np.int64)
+
     def _launch(self, x, pos, cache, logits, sync):
         c = self.config
+        n_threads = numba.get_num_threads()
         cos, sin = self._cos_sin(pos)
         _kernel(self.dense_q8, self.moe_int8)(
             x, pos, self.waddr, self.lm_head, self.lm_head_s, _U16, _U8, self.ln1, self.ln2, self.lnf,
@@ -369,4 +397,4 @@ class GptOssStep(FusedDecode):
             c.router_order == "softmax_topk", bool(c.norm_topk_prob), float(c.swiglu_alpha), float(c.swiglu_limit),
             self.qkv, self.o, self.hbuf, self.act, self.ae, self.ao, self.aqe, self.aqo, self.asl, self.acorr,
             self.tmp, logits, mg.VALUES_F32, mg.POWERS_F32, mg.INT8_CONST, _gemv_q8.PICK, sync,
-            numba.get_num_threads())
+            np.zeros(6 * c.num_layers + 2, np.int64), self._chunks(n_threads), n_threads)
