@@ -51,6 +51,11 @@ def has_vnni() -> bool:
     return has_avx512() and "avx512vnni" in host_features()
 
 
+def has_vbmi() -> bool:
+    """AVX-512 VBMI (vpermb: a byte lookup in a 64-byte table) on top of :func:`has_avx512`."""
+    return has_avx512() and "avx512vbmi" in host_features()
+
+
 # --- vector types -------------------------------------------------------------------------------
 
 
@@ -383,6 +388,20 @@ def pshufb(typingctx, table, idx):
 
     def codegen(context, builder, sig, args):
         fn = _intrinsic_fn(builder, "llvm.x86.avx512.pshuf.b.512", _V64B, [_V64B, _V64B])
+        t = builder.bitcast(args[0], _V64B)
+        i = builder.bitcast(args[1], _V64B)
+        return builder.bitcast(builder.call(fn, [t, i]), _V16I)
+    return sig, codegen
+
+
+@intrinsic
+def permb(typingctx, table, idx):
+    """vpermb: byte i = table[idx[i] & 63] (AVX-512 VBMI). With a 16-entry table repeated four times
+    the lookup reads only the low 4 bits of each index byte, so nibbles need no mask."""
+    sig = i32x16(i32x16, i32x16)
+
+    def codegen(context, builder, sig, args):
+        fn = _intrinsic_fn(builder, "llvm.x86.avx512.permvar.qi.512", _V64B, [_V64B, _V64B])
         t = builder.bitcast(args[0], _V64B)
         i = builder.bitcast(args[1], _V64B)
         return builder.bitcast(builder.call(fn, [t, i]), _V16I)
