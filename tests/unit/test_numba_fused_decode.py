@@ -277,3 +277,34 @@ def test_gptoss_int8_mode_follows_the_int8_ops(tmp_path):
     int8_errs = [_rel(b, e) for b, e in zip(want, exact)]
     assert sum(e <= 1e-5 for e in errs) >= len(errs) // 2, errs
     assert max(errs) <= 0.25 * max(int8_errs), (errs, int8_errs)
+
+
+def test_two_threads_decoding_on_one_model_get_their_own_results(ops_only):
+    """The step's scratch buffers are shared, so concurrent calls take turns (a lock); without it a
+    second region started while one runs gets no threads of its own, its rendezvous fails and the
+    step disables itself."""
+    import threading
+
+    config, dtype, _ = CASES["gpt2_bf16"]
+    weights = _gpt2_weights(config, dtype, seed=9)
+    model = Model(config, weights, backend="numba")
+    prompts = ([3, 4, 5], [40, 41])
+    results = {}
+
+    def run(i):
+        cache = model.new_cache(len(prompts[i]) + len(STEPS))
+        model.forward(prompts[i], cache)
+        results[i] = np.concatenate([model.forward([t], cache) for t in STEPS])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert isinstance(model._fused_step, _fused_decode.FusedDecode) and not model._fused_step.disabled
+    twin = ops_only(config, weights)
+    for i in range(2):
+        cache = twin.new_cache(len(prompts[i]) + len(STEPS))
+        twin.forward(prompts[i], cache)
+        want = np.concatenate([twin.forward([t], cache) for t in STEPS])
+        assert _rel(results[i], want) <= 1e-5

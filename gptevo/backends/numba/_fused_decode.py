@@ -20,6 +20,8 @@ the step disables itself and the model runs the ops from then on.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from gptevo.backends.numba._atomics import SYNC_SIZE, VERDICT
@@ -60,7 +62,9 @@ class FusedDecode:
     """Callable ``(token, cache) -> logits [1, V] float32``, or None when the step did not run (then
     nothing was written; after a failed rendezvous the step is disabled for good and the caller runs
     the ops). A subclass gives :meth:`_first_row` and :meth:`_launch`; the cache must be host
-    buffers of float32 with one length for every layer and room for one more position."""
+    buffers of float32 with one length for every layer and room for one more position. Calls are
+    serialized by a lock: the step's scratch buffers are shared (two threads decoding two caches on
+    one model take turns)."""
 
     allow_windows = False
 
@@ -69,6 +73,7 @@ class FusedDecode:
         self.embed = weights.embed
         self.n_vocab = weights.lm_head.shape[0]
         self.disabled = False
+        self._lock = threading.Lock()
 
     def _cache_ok(self, cache) -> bool:
         if cache.arrays is not None or cache.broken is not None or cache.dtype != np.float32:
@@ -87,6 +92,10 @@ class FusedDecode:
         raise NotImplementedError
 
     def __call__(self, token: int, cache):
+        with self._lock:
+            return self._step(token, cache)
+
+    def _step(self, token: int, cache):
         if self.disabled or not self._cache_ok(cache):
             return None
         p = cache.length
