@@ -275,6 +275,10 @@ class Model:
         if backend_arrays(self.backend) is not None:   # device arrays: one sequence at a time
             rows = [_host(self.forward_on_backend(ids[b:b + 1], cache)) for b, cache in enumerate(caches)]
             return np.concatenate(rows).astype(np.float32, copy=False)                # [B,V]
+        if len(caches) == 1:       # one sequence: the backend's fused one-token step, when it has one
+            out = self._fused_decode(int(ids[0]), caches[0])
+            if out is not None:
+                return out                                                             # [1,V]
         before = [cache.length for cache in caches]
         try:
             return _host(self._run_rows(ids, caches)).astype(np.float32, copy=False)  # [B,V]
