@@ -5,8 +5,9 @@ Every helper does for ``[lo, hi)`` exactly what one of the backend's decode kern
 rows: ``rows_f32`` / ``rows_bf16`` the float GEMVs (explicit 512-bit vectors, partial sums in four
 registers), ``rows_q8`` the int8 mode's Q8 x Q8 rows (the body of ``_gemv_q8.gemv_q8``, which calls
 it per chunk, so both give the same bits), ``rope_heads`` the ``apply_rope`` arithmetic, and
-``attend_heads`` decode attention (scores in float32, scaled and exponentiated in float64, sinks as
-the initial running maximum, softmax weights rounded to float32 in the value sum).
+``attend_heads`` decode attention (scores in float32, scaled and exponentiated in float64 with the
+ops' ``exp64``, sinks as the initial running maximum, softmax weights rounded to float32 in the
+value sum).
 Called once per range, never per element: a numba call with array arguments costs reference counts.
 """
 from __future__ import annotations
@@ -16,9 +17,10 @@ import math
 import numba
 import numpy as np
 
-from gptevo.backends.numba._simd import (bits_to_f32, dpbusd_x86, f32x16_zero, hsum, i32_to_f32, i32x16_bcast,
-                                         i32x16_zero, iand, isll, ixor, load_f32x16, load_i32x16, permps, vadd, vfma,
-                                         vmul)
+from gptevo.backends.numba._simd import (bits_to_f32, dpbusd_x86, f32x16_bcast, f32x16_zero, hsum, i32_to_f32,
+                                         i32x16_bcast, i32x16_zero, iand, isll, ixor, lane_f32, load_f32x16,
+                                         load_i32x16, permps, vadd, vfma, vmul)
+from gptevo.backends.numba._vmath import exp64
 
 _OPTS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 kjit = numba.njit(**_OPTS)
@@ -149,7 +151,9 @@ def attend_heads(q, h_lo, h_hi, keys, values, slot_pos, new_slot, pos, n_used, w
     cache slots 0..n_used-1 (keys / values flat [slots*G*Dh]; slot s holds position slot_pos[s], or
     ``pos`` for s == new_slot, whose key and value are already written). A key is visible when its
     position is in [0, pos] and, with window > 0, > pos - window. Sinks (float64 [H]) start the
-    running maximum and the denominator (exp(0) = 1). scores: float64 scratch [>= n_used]."""
+    running maximum and the denominator (exp(0) = 1). Exponentials with ``exp64`` (as the ops);
+    masked keys (weight exactly 0) are skipped in the value sum. Dh % 16 == 0 sums values in
+    registers, 64 dims at a time. scores: float64 scratch [>= n_used]."""
     group = n_heads // n_kv
     simd = head_dim % 16 == 0
     for h in range(h_lo, h_hi):
@@ -175,17 +179,45 @@ def attend_heads(q, h_lo, h_hi, keys, values, slot_pos, new_slot, pos, n_used, w
             scores[s] = sc
             m = max(m, sc)
         m = m if math.isfinite(m) else 0.0
-        den = math.exp(sinks[h] - m) if has_sink else 0.0
-        for d in range(head_dim):
-            out[q0 + d] = 0.0
+        den = exp64(sinks[h] - m) if has_sink else 0.0
         for s in range(n_used):
-            if scores[s] == -np.inf:
-                continue
-            e = math.exp(scores[s] - m)
+            e = exp64(scores[s] - m)
+            scores[s] = e
             den += e
-            ew = np.float32(e)
-            vb = (s * n_kv + g) * head_dim
+        if simd:
+            for d0 in range(0, head_dim, 64):
+                nv = min(4, (head_dim - d0) // 16)
+                a0 = f32x16_zero()
+                a1 = f32x16_zero()
+                a2 = f32x16_zero()
+                a3 = f32x16_zero()
+                for s in range(n_used):
+                    e = scores[s]
+                    if e == 0.0:
+                        continue
+                    ew = f32x16_bcast(np.float32(e))
+                    vb = (s * n_kv + g) * head_dim + d0
+                    a0 = vfma(ew, load_f32x16(values, vb), a0)
+                    if nv > 1:
+                        a1 = vfma(ew, load_f32x16(values, vb + 16), a1)
+                    if nv > 2:
+                        a2 = vfma(ew, load_f32x16(values, vb + 32), a2)
+                    if nv > 3:
+                        a3 = vfma(ew, load_f32x16(values, vb + 48), a3)
+                for i in range(nv):
+                    a = a0 if i == 0 else (a1 if i == 1 else (a2 if i == 2 else a3))
+                    for lane in range(16):
+                        out[q0 + d0 + 16 * i + lane] = float(lane_f32(a, np.int32(lane))) / den if den > 0 else 0.0
+        else:
             for d in range(head_dim):
-                out[q0 + d] += ew * values[vb + d]
-        for d in range(head_dim):
-            out[q0 + d] = out[q0 + d] / den if den > 0 else 0.0
+                out[q0 + d] = 0.0
+            for s in range(n_used):
+                e = scores[s]
+                if e == 0.0:
+                    continue
+                ew = np.float32(e)
+                vb = (s * n_kv + g) * head_dim
+                for d in range(head_dim):
+                    out[q0 + d] += ew * values[vb + d]
+            for d in range(head_dim):
+                out[q0 + d] = out[q0 + d] / den if den > 0 else 0.0

@@ -24,8 +24,9 @@ from numba import prange, types
 from numba.extending import intrinsic
 
 from gptevo.backends.numba import _gemv_q8
-from gptevo.backends.numba._simd import (bits_to_f32, f32x16_bcast, f32x16_zero, has_avx512, hsum, i32x16_bcast, iand,
-                                         isll, load_f32x16, load_i8x16_f32, load_i32x16, vadd, vfma, vmul)
+from gptevo.backends.numba._fused_rows import rows_bf16
+from gptevo.backends.numba._simd import (f32x16_bcast, f32x16_zero, has_avx512, hsum, load_f32x16, load_i8x16_f32, vadd,
+                                         vfma, vmul)
 
 # Reassociation and contraction (FMA) let LLVM vectorize reductions; no 'nnan'/'ninf': NaN and inf
 # propagate as in IEEE arithmetic, so a NaN weight still poisons exactly the rows it belongs to.
@@ -111,33 +112,12 @@ def gemv_bf16_avx512(w, xe, xo, bias, out, chunk):
     halves of the dwords (even elements) shifted up and the high halves masked, so each load
     becomes two float32 vectors without a widening load; x split once per call into its even and
     odd elements (xe, xo [K/2]). w [N,K] uint16 bits, K % 32 == 0. Per 2-thread measurement on GPT-2
-    shapes: 28-45 GB/s against 23-26 for the loop LLVM vectorized (spec/backends.md)."""
-    n_rows, k = w.shape
-    n_vec = k // 32
+    shapes: 28-45 GB/s against 23-26 for the loop LLVM vectorized (spec/backends.md). Each chunk of
+    rows is ``_fused_rows.rows_bf16`` (the fused decode step streams its share with it)."""
+    n_rows = w.shape[0]
     has_bias = bias.shape[0] == n_rows
-    high = i32x16_bcast(np.int32(-65536))
     for c in prange((n_rows + chunk - 1) // chunk):
-        for r in range(c * chunk, min(n_rows, (c + 1) * chunk)):
-            base = r * k * 2
-            a0 = f32x16_zero()
-            a1 = f32x16_zero()
-            a2 = f32x16_zero()
-            a3 = f32x16_zero()
-            b = 0
-            while b + 2 <= n_vec:
-                v = load_i32x16(w, base + 64 * b)
-                a0 = vfma(bits_to_f32(isll(v, 16)), load_f32x16(xe, 16 * b), a0)
-                a1 = vfma(bits_to_f32(iand(v, high)), load_f32x16(xo, 16 * b), a1)
-                v = load_i32x16(w, base + 64 * b + 64)
-                a2 = vfma(bits_to_f32(isll(v, 16)), load_f32x16(xe, 16 * b + 16), a2)
-                a3 = vfma(bits_to_f32(iand(v, high)), load_f32x16(xo, 16 * b + 16), a3)
-                b += 2
-            if b < n_vec:
-                v = load_i32x16(w, base + 64 * b)
-                a0 = vfma(bits_to_f32(isll(v, 16)), load_f32x16(xe, 16 * b), a0)
-                a1 = vfma(bits_to_f32(iand(v, high)), load_f32x16(xo, 16 * b), a1)
-            y = hsum(vadd(vadd(a0, a1), vadd(a2, a3)))
-            out[r] = y + bias[r] if has_bias else y
+        rows_bf16(w, xe, xo, bias, has_bias, c * chunk, min(n_rows, (c + 1) * chunk), out)
 
 
 @fast_pjit
