@@ -271,6 +271,8 @@ def plan(config, weights):
     gu, dn = [x.experts_gate_up for x in L], [x.experts_down for x in L]
     if not all(is_mxfp4(a) and is_mxfp4(b) for a, b in zip(gu, dn)):
         return None
+    if not all(a.blocks.flags.c_contiguous and a.scales.flags.c_contiguous for a in gu + dn):
+        return None                                   # the kernel addresses the stored arrays directly
     modes = {mg.weight_mode(a, b) for a, b in zip(gu, dn)}
     if len(modes) != 1:
         return None
@@ -293,7 +295,7 @@ def plan(config, weights):
 
 
 def _expert_arrays(wt):
-    return np.ascontiguousarray(wt.blocks), np.ascontiguousarray(wt.scales)
+    return wt.blocks, wt.scales
 
 
 _U16 = np.zeros(1, np.uint16)        # dtype references for pointer_like
@@ -321,9 +323,8 @@ class GptOssStep(FusedDecode):
         for x in L:
             rows.append([*dense(x.wqkv), *dense(x.wo), x.router.view(np.uint16), *_expert_arrays(x.experts_gate_up),
                          *_expert_arrays(x.experts_down)])
-        self.keep = rows                                   # the arrays behind the addresses
-        if any(not a.flags.c_contiguous for r in rows for a in r):
-            raise ValueError("fused gpt-oss step: a weight array is not C-contiguous")
+        self.keep = rows                                   # the arrays behind the addresses (all C-contiguous:
+                                                           # plan() checked them)
         self.waddr = np.array([[a.ctypes.data for a in r] for r in rows], np.int64)          # [L,9]
         self.ln1 = np.stack([np.asarray(x.attn_norm, np.float64).reshape(D) for x in L])      # [L,D]
         self.ln2 = np.stack([np.asarray(x.mlp_norm, np.float64).reshape(D) for x in L])       # [L,D]
