@@ -235,19 +235,24 @@ class Model:
                 cache.broken = f"{type(exc).__name__} at position {before}"
             raise
 
-    def _fused_decode(self, token: int, cache: KVCache):
-        """Logits ``[1, V]`` from the backend's fused one-token step (its ``decode_program`` hook, e.g.
-        the numba backend's single-region GPT-2 step), or None: no such step for this model and
-        cache, and the ops run instead. The step writes the cache exactly as the ops would."""
+    def _fused_decode(self, token, cache):
+        """Logits from the backend's fused decode step (its ``decode_program`` hook, e.g. the numba
+        backend's single-region steps), or None: no such step for this model and cache(s), and the
+        ops run instead. ``token`` int and ``cache`` a KVCache: one token, ``[1, V]``; ``token`` an
+        id array [B] and ``cache`` a list of B caches: a batched step, ``[B, V]``, when the step has
+        a ``rows`` method. The step writes the caches exactly as the ops would."""
         if self._fused_step is None:
             make = getattr(self.backend, "decode_program", None)
             self._fused_step = (make(self.config, self.weights, self.dtype) if make is not None else None) or False
         if self._fused_step is False:
             return None
+        batched = isinstance(cache, list)
+        if batched and getattr(self._fused_step, "rows", None) is None:
+            return None
         check = getattr(self.checkpoint, "check_unchanged", None)
         if check is not None:
             check()
-        return self._fused_step(token, cache)
+        return self._fused_step.rows(token, cache) if batched else self._fused_step(token, cache)
 
     def forward_batch(self, token_ids, caches) -> np.ndarray:
         """float32 logits ``[B, vocab]``: one new token per sequence, ``token_ids[b]`` at position
@@ -277,8 +282,10 @@ class Model:
             return np.concatenate(rows).astype(np.float32, copy=False)                # [B,V]
         if len(caches) == 1:       # one sequence: the backend's fused one-token step, when it has one
             out = self._fused_decode(int(ids[0]), caches[0])
-            if out is not None:
-                return out                                                             # [1,V]
+        else:                      # several: its batched form, when it has one
+            out = self._fused_decode(ids, caches)
+        if out is not None:
+            return out                                                                 # [B,V]
         before = [cache.length for cache in caches]
         try:
             return _host(self._run_rows(ids, caches)).astype(np.float32, copy=False)  # [B,V]

@@ -308,3 +308,51 @@ def test_two_threads_decoding_on_one_model_get_their_own_results(ops_only):
         twin.forward(prompts[i], cache)
         want = np.concatenate([twin.forward([t], cache) for t in STEPS])
         assert _rel(results[i], want) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["gpt2_f32", "gpt2_bf16", "gqa_no_bias_f32"])
+def test_batched_fused_step_equals_each_sequence_alone(case, ops_only, monkeypatch):
+    """forward_batch of 2+ sequences takes the step's batched form (one region, weights read once
+    for all rows); each row equals that sequence decoded alone through the ops, caches included."""
+    from gptevo.backends.numba import _fused_gpt2
+
+    config, dtype, bias = CASES[case]
+    weights = _gpt2_weights(config, dtype, seed=13, bias=bias)
+    calls = []
+    original = _fused_gpt2.Gpt2Step.rows
+    monkeypatch.setattr(_fused_gpt2.Gpt2Step, "rows", lambda self, t, c: calls.append(len(c)) or original(self, t, c))
+    model = Model(config, weights, backend="numba")
+    twin = ops_only(config, weights)
+    prompts = [[3, 4, 5], [40, 41, 42, 43, 44, 45], [7]]
+    caches, alone = [], []
+    for p in prompts:
+        caches.append(model.new_cache(len(p) + 4))
+        model.forward(p, caches[-1])
+        alone.append(twin.new_cache(len(p) + 4))
+        twin.forward(p, alone[-1])
+    for step in range(4):
+        toks = np.array([11 + step, 20 + step, 30 + step])
+        got = model.forward_batch(toks, caches)
+        want = np.concatenate([twin.forward([int(t)], c) for t, c in zip(toks, alone)])
+        assert _rel(got, want) <= 1e-5, (case, step)
+    assert calls == [3, 3, 3, 3] and not model._fused_step.disabled
+    for c, w in zip(caches, alone):
+        assert c.length == w.length
+        for i in range(config.num_layers):
+            np.testing.assert_array_equal(c.positions[i], w.positions[i])
+            assert _rel(c.keys[i][:c.length], w.keys[i][:w.length]) <= 1e-5
+            assert _rel(c.values[i][:c.length], w.values[i][:w.length]) <= 1e-5
+
+
+def test_batched_step_leaves_a_full_cache_to_the_ops():
+    config, dtype, _ = CASES["gpt2_f32"]
+    weights = _gpt2_weights(config, dtype, seed=2)
+    model = Model(config, weights, backend="numba")
+    step = _fused_decode.plan(config, weights)
+    a, b = model.new_cache(8), model.new_cache(len(PROMPT))
+    model.forward(PROMPT, a)
+    model.forward(PROMPT, b)
+    before = (a.length, b.length)
+    assert step.rows(np.array([1, 2]), [a, b]) is None and not step.disabled     # b has no room
+    assert (a.length, b.length) == before
+    assert step.rows(np.array([1, 2]), [a, a]) is None                          # one cache twice

@@ -14,10 +14,11 @@ import numba
 import numpy as np
 from numba import prange
 
-from gptevo.backends.numba._atomics import barrier, rendezvous
+from gptevo.backends.numba._atomics import SYNC_SIZE, VERDICT, barrier, rendezvous
 from gptevo.backends.numba._elementwise import _gelu_flat, _layer_norm_rows
 from gptevo.backends.numba._fused_decode import FusedDecode, f32_vector, kv_addresses, weight_kind
-from gptevo.backends.numba._fused_rows import attend_heads, rows_bf16, rows_f32, split_even_odd
+from gptevo.backends.numba._fused_rows import attend_heads, permute_blocks, rows_bf16, rows_f32, split_even_odd
+from gptevo.backends.numba._gemm_tiles import tile_rows_bf16, tile_rows_f32
 from gptevo.backends.numba._simd import pointer_like
 
 _OPTS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
@@ -146,6 +147,123 @@ def _kernel(is_bf16: bool):
 
 
 
+def _make_rows(is_bf16: bool):
+    """The batched step: B sequences, one new token each, in one region (see ``Gpt2Step.rows``)."""
+    tiles = tile_rows_bf16 if is_bf16 else tile_rows_f32
+
+    def step_rows(xb, pos, waddr, ln1, ln2, lnf, bqkv, bo, bfc, bproj, has_bias, lm_head,
+                  kv_addr, slots, scales, eps, tanh_gelu, n_heads, n_kv, head_dim,
+                  qkv, o, f, tmp, logits, sync, n_threads):
+        """xb [B,D] float32: row b the embedding + position of sequence b's token (updated in place);
+        pos [B]; kv_addr [B,L,3] each sequence's cache keys, values, slot positions with slots [B];
+        qkv [B,(H+2G)Dh], o [B,H*Dh], f [B,I], tmp [B,max(I,D)] shared scratch; logits [B,V] out.
+        Weight rows are split over the threads in groups of four (the register tiles of
+        ``_gemm_tiles``: every input row times four weight rows per pass); attention items are
+        (sequence, head) pairs. Other arguments as the one-token step."""
+        n_b, d_model = xb.shape
+        n_layers = waddr.shape[0]
+        n_qkv = qkv.shape[1]
+        n_q = n_heads * head_dim
+        n_kvd = n_kv * head_dim
+        n_inner = f.shape[1]
+        max_pos = 0
+        for b in range(n_b):
+            max_pos = max(max_pos, pos[b])
+        for t in prange(n_threads):
+            if not rendezvous(sync, n_threads):
+                continue
+            gen = 0
+            h = np.empty((n_b, d_model), np.float32)                       # normed rows
+            hp = np.empty((n_b, d_model), np.float32)                      # the tiles' input layout
+            op = np.empty((n_b, n_q), np.float32)
+            fp = np.empty((n_b, n_inner), np.float32)
+            scores = np.empty(max_pos + 1)                                 # [S] float64
+            no_sinks = np.zeros(1)
+            for layer in range(n_layers):
+                _layer_norm_rows(xb, ln1[layer, 0], ln1[layer, 1], True, eps, h)
+                if is_bf16:
+                    permute_blocks(h, hp)
+                w = numba.carray(pointer_like(waddr[layer, 0], lm_head), (n_qkv, d_model))
+                lo, hi = _share(n_qkv, t, n_threads)
+                tiles(w, hp if is_bf16 else h, bqkv[layer], has_bias, lo, hi, qkv)
+                for b in range(n_b):                         # k, v rows into each sequence's slot
+                    kc = numba.carray(pointer_like(kv_addr[b, layer, 0], xb), slots[b] * n_kvd)
+                    vc = numba.carray(pointer_like(kv_addr[b, layer, 1], xb), slots[b] * n_kvd)
+                    for r in range(max(lo, n_q), hi):
+                        if r < n_q + n_kvd:
+                            kc[pos[b] * n_kvd + r - n_q] = qkv[b, r]
+                        else:
+                            vc[pos[b] * n_kvd + r - n_q - n_kvd] = qkv[b, r]
+                gen += 1
+                barrier(sync, n_threads, gen)
+                n_items = n_b * n_heads
+                for item in range(n_items * t // n_threads, n_items * (t + 1) // n_threads):
+                    b = item // n_heads
+                    hd = item % n_heads
+                    kc = numba.carray(pointer_like(kv_addr[b, layer, 0], xb), slots[b] * n_kvd)
+                    vc = numba.carray(pointer_like(kv_addr[b, layer, 1], xb), slots[b] * n_kvd)
+                    sp = numba.carray(pointer_like(kv_addr[b, layer, 2], kv_addr), slots[b])
+                    attend_heads(qkv[b], hd, hd + 1, kc, vc, sp, pos[b], pos[b], pos[b] + 1, 0, no_sinks, False,
+                                 n_heads, n_kv, head_dim, scales[layer], scores, o[b])
+                gen += 1
+                barrier(sync, n_threads, gen)
+                w = numba.carray(pointer_like(waddr[layer, 1], lm_head), (d_model, n_q))
+                if is_bf16:
+                    permute_blocks(o, op)
+                lo, hi = _share(d_model, t, n_threads)
+                tiles(w, op if is_bf16 else o, bo[layer], has_bias, lo, hi, tmp)
+                for b in range(n_b):
+                    for r in range(lo, hi):
+                        xb[b, r] += tmp[b, r]
+                gen += 1
+                barrier(sync, n_threads, gen)
+                _layer_norm_rows(xb, ln2[layer, 0], ln2[layer, 1], True, eps, h)
+                if is_bf16:
+                    permute_blocks(h, hp)
+                w = numba.carray(pointer_like(waddr[layer, 2], lm_head), (n_inner, d_model))
+                lo, hi = _share(n_inner, t, n_threads)
+                tiles(w, hp if is_bf16 else h, bfc[layer], has_bias, lo, hi, tmp)
+                for b in range(n_b):
+                    _gelu_flat(tmp[b, lo:hi], tanh_gelu, f[b, lo:hi])
+                gen += 1
+                barrier(sync, n_threads, gen)
+                w = numba.carray(pointer_like(waddr[layer, 3], lm_head), (d_model, n_inner))
+                if is_bf16:
+                    permute_blocks(f, fp)
+                lo, hi = _share(d_model, t, n_threads)
+                tiles(w, fp if is_bf16 else f, bproj[layer], has_bias, lo, hi, tmp)
+                for b in range(n_b):
+                    for r in range(lo, hi):
+                        xb[b, r] += tmp[b, r]
+                gen += 1
+                barrier(sync, n_threads, gen)
+            _layer_norm_rows(xb, lnf[0], lnf[1], True, eps, h)
+            if is_bf16:
+                permute_blocks(h, hp)
+            lo, hi = _share(lm_head.shape[0], t, n_threads)
+            tiles(lm_head, hp if is_bf16 else h, bo[0], False, lo, hi, logits)
+
+    step_rows.__name__ = step_rows.__qualname__ = f"fused_rows_{'bf16' if is_bf16 else 'f32'}"
+    return numba.njit(parallel=True, **_OPTS)(step_rows)
+
+
+@numba.njit(**_OPTS)
+def _share(n, t, n_threads):
+    """Thread t's rows of n, split at multiples of four (whole register tiles)."""
+    lo = (n * t // n_threads) // 4 * 4
+    hi = (n * (t + 1) // n_threads) // 4 * 4 if t + 1 < n_threads else n
+    return lo, hi
+
+
+_ROW_KERNELS: dict = {}
+
+
+def _rows_kernel(is_bf16: bool):
+    if is_bf16 not in _ROW_KERNELS:
+        _ROW_KERNELS[is_bf16] = _make_rows(is_bf16)
+    return _ROW_KERNELS[is_bf16]
+
+
 def plan(config, weights):
     """A :class:`Gpt2Step` for a model of the kind this module takes (module doc), else None."""
     from gptevo.model import gelu_approximate, mlp_kind
@@ -217,3 +335,36 @@ class Gpt2Step(FusedDecode):
             self.bqkv, self.bo, self.bfc, self.bproj, True, self.lm_head, kv_addresses(cache), cache.max_tokens,
             self.scales, float(c.norm_eps), self.tanh_gelu, c.num_heads, c.num_kv_heads, c.head_dim,
             self.qkv, self.o, self.f, self.tmp, logits, sync, numba.get_num_threads())
+
+    def rows(self, tokens, caches):
+        """Logits [B, V] of one step of B >= 2 sequences (token b at ``caches[b].length``), or None
+        (nothing written) when a cache is not one the step takes or the threads did not meet."""
+        if self.disabled or len({id(c) for c in caches}) != len(caches):
+            return None
+        with self._lock:
+            if not all(self._cache_ok(c) for c in caches):
+                return None
+            c = self.config
+            pos = np.array([cache.length for cache in caches], np.int64)                      # [B]
+            xb = np.ascontiguousarray(np.stack([self._first_row(int(t), int(p)) for t, p in zip(tokens, pos)]),
+                                      np.float32)                                             # [B,D]
+            n_b, n_threads = len(caches), numba.get_num_threads()
+            logits = np.empty((n_b, self.n_vocab), np.float32)                                # [B,V]
+            sync = np.zeros(SYNC_SIZE, np.int64)
+            inner = self.f.shape[0]
+            _rows_kernel(self.is_bf16)(
+                xb, pos, self.waddr, self.ln1, self.ln2, self.lnf, self.bqkv, self.bo, self.bfc, self.bproj, True,
+                self.lm_head, np.stack([kv_addresses(cache) for cache in caches]),
+                np.array([cache.max_tokens for cache in caches], np.int64), self.scales, float(c.norm_eps),
+                self.tanh_gelu, c.num_heads, c.num_kv_heads, c.head_dim,
+                np.empty((n_b, self.qkv.shape[0]), np.float32), np.empty((n_b, self.o.shape[0]), np.float32),
+                np.empty((n_b, inner), np.float32), np.empty((n_b, max(inner, c.hidden_size)), np.float32),
+                logits, sync, n_threads)
+            if sync[VERDICT] != 1:
+                self.disabled = True
+                return None
+            for cache, p in zip(caches, pos.tolist()):
+                for i, positions in enumerate(cache.positions):
+                    positions[p] = p
+                    cache._lengths[i] = p + 1
+            return logits

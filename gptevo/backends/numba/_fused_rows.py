@@ -129,6 +129,17 @@ def split_even_odd(x, xe, xo):
 
 
 @kjit
+def permute_blocks(x, out):
+    """Rows of x [M,K] (K % 32 == 0) into out [M,K] as ``_moe_tiles.permute_rows`` lays them out:
+    per 32-value block its 16 even elements, then its 16 odd ones (the input of the bf16 tiles)."""
+    for r in range(x.shape[0]):
+        for b in range(x.shape[1] // 32):
+            for i in range(16):
+                out[r, 32 * b + i] = x[r, 32 * b + 2 * i]
+                out[r, 32 * b + 16 + i] = x[r, 32 * b + 2 * i + 1]
+
+
+@kjit
 def rope_heads(v, h_lo, h_hi, head_dim, cos, sin, interleaved):
     """Rotate heads [h_lo, h_hi) of the flat [heads*Dh] vector v in place, as ``apply_rope``: pairs
     (a, b) of the first R = 2*len(cos) dims become (a cos - b sin, b cos + a sin)."""

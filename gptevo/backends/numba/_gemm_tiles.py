@@ -26,74 +26,95 @@ from gptevo.backends.numba._simd import (bits_to_f32, f32x16_zero, hsum, i32x16_
 MIN_ROWS = 5           # from this many input rows up to _gemm_small.MAX_ROWS
 
 
-def _make(is_bf16: bool):
-    """The kernel for float32 weights or bfloat16 bits (a compile-time constant)."""
-    def kernel(w, x, bias, out, chunk):
+def _make_range(is_bf16: bool):
+    """Weight rows [lo, hi) times every input row, for float32 weights or bfloat16 bits (a
+    compile-time constant): what the parallel kernel runs per chunk, and the fused batched decode
+    step per share."""
+    def rows_range(w, x, bias, has_bias, lo, hi, out):
         n_rows, k = w.shape
         m_rows = x.shape[0]
-        has_bias = bias.shape[0] == n_rows
         high = i32x16_bcast(np.int32(-65536))
         bpe = 2 if is_bf16 else 4                                   # bytes per weight element
-        for c in prange((n_rows + chunk - 1) // chunk):
-            for n0 in range(c * chunk, min(n_rows, (c + 1) * chunk), 4):
-                m = min(4, n_rows - n0)
-                o0 = n0 * k * bpe
-                o1 = (n0 + min(1, m - 1)) * k * bpe
-                o2 = (n0 + min(2, m - 1)) * k * bpe
-                o3 = (n0 + min(3, m - 1)) * k * bpe
-                r = 0
-                while r < m_rows:
-                    q = min(4, m_rows - r)                          # input rows this pass (4, or the tail)
-                    x0 = r * k
-                    x1 = (r + min(1, q - 1)) * k
-                    x2 = (r + min(2, q - 1)) * k
-                    x3 = (r + min(3, q - 1)) * k
-                    a00 = f32x16_zero(); a01 = f32x16_zero(); a02 = f32x16_zero(); a03 = f32x16_zero()  # noqa: E702
-                    a10 = f32x16_zero(); a11 = f32x16_zero(); a12 = f32x16_zero(); a13 = f32x16_zero()  # noqa: E702
-                    a20 = f32x16_zero(); a21 = f32x16_zero(); a22 = f32x16_zero(); a23 = f32x16_zero()  # noqa: E702
-                    a30 = f32x16_zero(); a31 = f32x16_zero(); a32 = f32x16_zero(); a33 = f32x16_zero()  # noqa: E702
-                    for j in range(0, k, 32):
-                        for half in range(2):
-                            if is_bf16:
-                                v0 = load_i32x16(w, o0 + 2 * j)
-                                v1 = load_i32x16(w, o1 + 2 * j)
-                                v2 = load_i32x16(w, o2 + 2 * j)
-                                v3 = load_i32x16(w, o3 + 2 * j)
-                                if half == 0:
-                                    w0 = bits_to_f32(isll(v0, 16)); w1 = bits_to_f32(isll(v1, 16))  # noqa: E702
-                                    w2 = bits_to_f32(isll(v2, 16)); w3 = bits_to_f32(isll(v3, 16))  # noqa: E702
-                                else:
-                                    w0 = bits_to_f32(iand(v0, high)); w1 = bits_to_f32(iand(v1, high))  # noqa: E702
-                                    w2 = bits_to_f32(iand(v2, high)); w3 = bits_to_f32(iand(v3, high))  # noqa: E702
+        for n0 in range(lo, hi, 4):
+            m = min(4, hi - n0)
+            o0 = n0 * k * bpe
+            o1 = (n0 + min(1, m - 1)) * k * bpe
+            o2 = (n0 + min(2, m - 1)) * k * bpe
+            o3 = (n0 + min(3, m - 1)) * k * bpe
+            r = 0
+            while r < m_rows:
+                q = min(4, m_rows - r)                          # input rows this pass (4, or the tail)
+                x0 = r * k
+                x1 = (r + min(1, q - 1)) * k
+                x2 = (r + min(2, q - 1)) * k
+                x3 = (r + min(3, q - 1)) * k
+                a00 = f32x16_zero(); a01 = f32x16_zero(); a02 = f32x16_zero(); a03 = f32x16_zero()  # noqa: E702
+                a10 = f32x16_zero(); a11 = f32x16_zero(); a12 = f32x16_zero(); a13 = f32x16_zero()  # noqa: E702
+                a20 = f32x16_zero(); a21 = f32x16_zero(); a22 = f32x16_zero(); a23 = f32x16_zero()  # noqa: E702
+                a30 = f32x16_zero(); a31 = f32x16_zero(); a32 = f32x16_zero(); a33 = f32x16_zero()  # noqa: E702
+                for j in range(0, k, 32):
+                    for half in range(2):
+                        if is_bf16:
+                            v0 = load_i32x16(w, o0 + 2 * j)
+                            v1 = load_i32x16(w, o1 + 2 * j)
+                            v2 = load_i32x16(w, o2 + 2 * j)
+                            v3 = load_i32x16(w, o3 + 2 * j)
+                            if half == 0:
+                                w0 = bits_to_f32(isll(v0, 16)); w1 = bits_to_f32(isll(v1, 16))  # noqa: E702
+                                w2 = bits_to_f32(isll(v2, 16)); w3 = bits_to_f32(isll(v3, 16))  # noqa: E702
                             else:
-                                w0 = load_f32x16(w, o0 // 4 + j + 16 * half)
-                                w1 = load_f32x16(w, o1 // 4 + j + 16 * half)
-                                w2 = load_f32x16(w, o2 // 4 + j + 16 * half)
-                                w3 = load_f32x16(w, o3 // 4 + j + 16 * half)
-                            xo = j + 16 * half
-                            y = load_f32x16(x, x0 + xo)
-                            a00 = vfma(w0, y, a00); a10 = vfma(w1, y, a10)        # noqa: E702
-                            a20 = vfma(w2, y, a20); a30 = vfma(w3, y, a30)        # noqa: E702
-                            y = load_f32x16(x, x1 + xo)
-                            a01 = vfma(w0, y, a01); a11 = vfma(w1, y, a11)        # noqa: E702
-                            a21 = vfma(w2, y, a21); a31 = vfma(w3, y, a31)        # noqa: E702
-                            y = load_f32x16(x, x2 + xo)
-                            a02 = vfma(w0, y, a02); a12 = vfma(w1, y, a12)        # noqa: E702
-                            a22 = vfma(w2, y, a22); a32 = vfma(w3, y, a32)        # noqa: E702
-                            y = load_f32x16(x, x3 + xo)
-                            a03 = vfma(w0, y, a03); a13 = vfma(w1, y, a13)        # noqa: E702
-                            a23 = vfma(w2, y, a23); a33 = vfma(w3, y, a33)        # noqa: E702
-                    sums = ((a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23), (a30, a31, a32, a33))
-                    for i in range(m):
-                        for p in range(q):
-                            s = hsum(sums[i][p])
-                            out[r + p, n0 + i] = s + bias[n0 + i] if has_bias else s
-                    r += q
-    kernel.__name__ = kernel.__qualname__ = f"tiles_gemm_{'bf16' if is_bf16 else 'f32'}"
-    return numba.njit(cache=True, error_model="numpy", parallel=True, nogil=True)(kernel)
+                                w0 = bits_to_f32(iand(v0, high)); w1 = bits_to_f32(iand(v1, high))  # noqa: E702
+                                w2 = bits_to_f32(iand(v2, high)); w3 = bits_to_f32(iand(v3, high))  # noqa: E702
+                        else:
+                            w0 = load_f32x16(w, o0 // 4 + j + 16 * half)
+                            w1 = load_f32x16(w, o1 // 4 + j + 16 * half)
+                            w2 = load_f32x16(w, o2 // 4 + j + 16 * half)
+                            w3 = load_f32x16(w, o3 // 4 + j + 16 * half)
+                        xo = j + 16 * half
+                        y = load_f32x16(x, x0 + xo)
+                        a00 = vfma(w0, y, a00); a10 = vfma(w1, y, a10)        # noqa: E702
+                        a20 = vfma(w2, y, a20); a30 = vfma(w3, y, a30)        # noqa: E702
+                        y = load_f32x16(x, x1 + xo)
+                        a01 = vfma(w0, y, a01); a11 = vfma(w1, y, a11)        # noqa: E702
+                        a21 = vfma(w2, y, a21); a31 = vfma(w3, y, a31)        # noqa: E702
+                        y = load_f32x16(x, x2 + xo)
+                        a02 = vfma(w0, y, a02); a12 = vfma(w1, y, a12)        # noqa: E702
+                        a22 = vfma(w2, y, a22); a32 = vfma(w3, y, a32)        # noqa: E702
+                        y = load_f32x16(x, x3 + xo)
+                        a03 = vfma(w0, y, a03); a13 = vfma(w1, y, a13)        # noqa: E702
+                        a23 = vfma(w2, y, a23); a33 = vfma(w3, y, a33)        # noqa: E702
+                sums = ((a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23), (a30, a31, a32, a33))
+                for i in range(m):
+                    for p in range(q):
+                        s = hsum(sums[i][p])
+                        out[r + p, n0 + i] = s + bias[n0 + i] if has_bias else s
+                r += q
+    rows_range.__name__ = rows_range.__qualname__ = f"tiles_rows_{'bf16' if is_bf16 else 'f32'}"
+    return numba.njit(cache=True, error_model="numpy", nogil=True)(rows_range)
 
 
-_KERNELS = {False: _make(False), True: _make(True)}
+RANGES = {False: _make_range(False), True: _make_range(True)}
+tile_rows_f32 = RANGES[False]
+tile_rows_bf16 = RANGES[True]
+
+
+@numba.njit(cache=True, error_model="numpy", parallel=True, nogil=True)
+def _tiles_f32(w, x, bias, out, chunk):
+    n_rows = w.shape[0]
+    has_bias = bias.shape[0] == n_rows
+    for c in prange((n_rows + chunk - 1) // chunk):
+        tile_rows_f32(w, x, bias, has_bias, c * chunk, min(n_rows, (c + 1) * chunk), out)
+
+
+@numba.njit(cache=True, error_model="numpy", parallel=True, nogil=True)
+def _tiles_bf16(w, x, bias, out, chunk):
+    n_rows = w.shape[0]
+    has_bias = bias.shape[0] == n_rows
+    for c in prange((n_rows + chunk - 1) // chunk):
+        tile_rows_bf16(w, x, bias, has_bias, c * chunk, min(n_rows, (c + 1) * chunk), out)
+
+
+_KERNELS = {False: _tiles_f32, True: _tiles_bf16}
 
 
 def supported(weight, m_rows: int) -> bool:
