@@ -98,18 +98,23 @@ tile_rows_f32 = RANGES[False]
 tile_rows_bf16 = RANGES[True]
 
 
-def _make_parallel(rows_range):
-    """The parallel kernel over chunks of weight rows, each chunk one ``rows_range`` call."""
-    def kernel(w, x, bias, out, chunk):
-        n_rows = w.shape[0]
-        has_bias = bias.shape[0] == n_rows
-        for c in prange((n_rows + chunk - 1) // chunk):
-            rows_range(w, x, bias, has_bias, c * chunk, min(n_rows, (c + 1) * chunk), out)
-    kernel.__name__ = kernel.__qualname__ = f"tiles_gemm_{rows_range.__name__[len('tiles_rows_'):]}"
-    return numba.njit(cache=True, error_model="numpy", parallel=True, nogil=True)(kernel)
+@numba.njit(cache=True, error_model="numpy", parallel=True, nogil=True)
+def _tiles_f32(w, x, bias, out, chunk):
+    n_rows = w.shape[0]
+    has_bias = bias.shape[0] == n_rows
+    for c in prange((n_rows + chunk - 1) // chunk):
+        tile_rows_f32(w, x, bias, has_bias, c * chunk, min(n_rows, (c + 1) * chunk), out)
 
 
-_KERNELS = {False: _make_parallel(tile_rows_f32), True: _make_parallel(tile_rows_bf16)}
+@numba.njit(cache=True, error_model="numpy", parallel=True, nogil=True)
+def _tiles_bf16(w, x, bias, out, chunk):
+    n_rows = w.shape[0]
+    has_bias = bias.shape[0] == n_rows
+    for c in prange((n_rows + chunk - 1) // chunk):
+        tile_rows_bf16(w, x, bias, has_bias, c * chunk, min(n_rows, (c + 1) * chunk), out)
+
+
+_KERNELS = {False: _tiles_f32, True: _tiles_bf16}
 
 
 def supported(weight, m_rows: int) -> bool:
