@@ -148,8 +148,9 @@ def _kernel(is_bf16: bool):
 
 
 def _make_rows(is_bf16: bool):
-    """The batched step: B sequences, one new token each, in one region (see ``Gpt2Step.rows``)."""
-    tiles = tile_rows_bf16 if is_bf16 else tile_rows_f32
+    """The batched step: B sequences, one new token each, in one region (see ``Gpt2Step.rows``).
+    The tile functions are named in each branch (not held in a variable): numba caches a kernel only
+    when the jitted functions it calls are globals."""
 
     def step_rows(xb, pos, waddr, ln1, ln2, lnf, bqkv, bo, bfc, bproj, has_bias, lm_head,
                   kv_addr, slots, scales, eps, tanh_gelu, n_heads, n_kv, head_dim,
@@ -185,7 +186,10 @@ def _make_rows(is_bf16: bool):
                     permute_blocks(h, hp)
                 w = numba.carray(pointer_like(waddr[layer, 0], lm_head), (n_qkv, d_model))
                 lo, hi = _share(n_qkv, t, n_threads)
-                tiles(w, hp if is_bf16 else h, bqkv[layer], has_bias, lo, hi, qkv)
+                if is_bf16:
+                    tile_rows_bf16(w, hp, bqkv[layer], has_bias, lo, hi, qkv)
+                else:
+                    tile_rows_f32(w, h, bqkv[layer], has_bias, lo, hi, qkv)
                 for b in range(n_b):                         # k, v rows into each sequence's slot
                     kc = numba.carray(pointer_like(kv_addr[b, layer, 0], xb), slots[b] * n_kvd)
                     vc = numba.carray(pointer_like(kv_addr[b, layer, 1], xb), slots[b] * n_kvd)
@@ -211,7 +215,10 @@ def _make_rows(is_bf16: bool):
                 if is_bf16:
                     permute_blocks(o, op)
                 lo, hi = _share(d_model, t, n_threads)
-                tiles(w, op if is_bf16 else o, bo[layer], has_bias, lo, hi, tmp)
+                if is_bf16:
+                    tile_rows_bf16(w, op, bo[layer], has_bias, lo, hi, tmp)
+                else:
+                    tile_rows_f32(w, o, bo[layer], has_bias, lo, hi, tmp)
                 for b in range(n_b):
                     for r in range(lo, hi):
                         xb[b, r] += tmp[b, r]
@@ -222,7 +229,10 @@ def _make_rows(is_bf16: bool):
                     permute_blocks(h, hp)
                 w = numba.carray(pointer_like(waddr[layer, 2], lm_head), (n_inner, d_model))
                 lo, hi = _share(n_inner, t, n_threads)
-                tiles(w, hp if is_bf16 else h, bfc[layer], has_bias, lo, hi, tmp)
+                if is_bf16:
+                    tile_rows_bf16(w, hp, bfc[layer], has_bias, lo, hi, tmp)
+                else:
+                    tile_rows_f32(w, h, bfc[layer], has_bias, lo, hi, tmp)
                 for b in range(n_b):
                     _gelu_flat(tmp[b, lo:hi], tanh_gelu, f[b, lo:hi])
                 gen += 1
@@ -231,7 +241,10 @@ def _make_rows(is_bf16: bool):
                 if is_bf16:
                     permute_blocks(f, fp)
                 lo, hi = _share(d_model, t, n_threads)
-                tiles(w, fp if is_bf16 else f, bproj[layer], has_bias, lo, hi, tmp)
+                if is_bf16:
+                    tile_rows_bf16(w, fp, bproj[layer], has_bias, lo, hi, tmp)
+                else:
+                    tile_rows_f32(w, f, bproj[layer], has_bias, lo, hi, tmp)
                 for b in range(n_b):
                     for r in range(lo, hi):
                         xb[b, r] += tmp[b, r]
@@ -241,7 +254,10 @@ def _make_rows(is_bf16: bool):
             if is_bf16:
                 permute_blocks(h, hp)
             lo, hi = _share(lm_head.shape[0], t, n_threads)
-            tiles(lm_head, hp if is_bf16 else h, bo[0], False, lo, hi, logits)
+            if is_bf16:
+                tile_rows_bf16(lm_head, hp, bo[0], False, lo, hi, logits)
+            else:
+                tile_rows_f32(lm_head, h, bo[0], False, lo, hi, logits)
 
     step_rows.__name__ = step_rows.__qualname__ = f"fused_rows_{'bf16' if is_bf16 else 'f32'}"
     return numba.njit(parallel=True, **_OPTS)(step_rows)
