@@ -141,7 +141,7 @@ class Model:
         self.dtype = compute_dtype(dtype)
         self.checkpoint = checkpoint            # keeps memory-mapped files open
         self._rope_by_length: dict = {}         # batched steps: RoPE frequencies by sequence length
-        self._fused_step = None                 # the backend's one-token decode step, built on first use
+        self._fused_step = None                 # the backend's fused decode step, built on first use
         if config.position == "rope":
             # fail at load time, not at the first call, on a bad rope config
             self._rope_frequencies(config.max_position_embeddings)
@@ -238,9 +238,9 @@ class Model:
     def _fused_decode(self, token, cache):
         """Logits from the backend's fused decode step (its ``decode_program`` hook, e.g. the numba
         backend's single-region steps), or None: no such step for this model and cache(s), and the
-        ops run instead. ``token`` int and ``cache`` a KVCache: one token, ``[1, V]``; ``token`` an
-        id array [B] and ``cache`` a list of B caches: a batched step, ``[B, V]``, when the step has
-        a ``rows`` method. The step writes the caches exactly as the ops would."""
+        ops run instead. ``token`` int and ``cache`` a KVCache: ``[1, V]``; ``token`` ids [B] and
+        ``cache`` a list of B caches: ``[B, V]`` from the step's ``rows`` method, if it has one. The
+        step writes the caches exactly as the ops would."""
         if self._fused_step is None:
             make = getattr(self.backend, "decode_program", None)
             self._fused_step = (make(self.config, self.weights, self.dtype) if make is not None else None) or False
@@ -280,10 +280,8 @@ class Model:
         if backend_arrays(self.backend) is not None:   # device arrays: one sequence at a time
             rows = [_host(self.forward_on_backend(ids[b:b + 1], cache)) for b, cache in enumerate(caches)]
             return np.concatenate(rows).astype(np.float32, copy=False)                # [B,V]
-        if len(caches) == 1:       # one sequence: the backend's fused one-token step, when it has one
-            out = self._fused_decode(int(ids[0]), caches[0])
-        else:                      # several: its batched form, when it has one
-            out = self._fused_decode(ids, caches)
+        # the backend's fused step: its one-token form for one sequence, its batched form for several
+        out = self._fused_decode(int(ids[0]), caches[0]) if len(caches) == 1 else self._fused_decode(ids, caches)
         if out is not None:
             return out                                                                 # [B,V]
         before = [cache.length for cache in caches]

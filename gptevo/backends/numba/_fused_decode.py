@@ -106,7 +106,12 @@ class FusedDecode:
         if sync[VERDICT] != 1:
             self.disabled = True
             return None
+        self._commit(cache, p)
+        return logits.reshape(1, -1)
+
+    @staticmethod
+    def _commit(cache, p: int) -> None:
+        """Record position p in every layer (its keys and values are in its slot): as ``commit``."""
         for i, positions in enumerate(cache.positions):
             positions[p % positions.shape[0]] = p
             cache._lengths[i] = p + 1
-        return logits.reshape(1, -1)

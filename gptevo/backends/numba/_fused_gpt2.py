@@ -36,10 +36,10 @@ def _make(is_bf16: bool):
         """x [D] float32: the token's embedding + position, updated in place to the last hidden state.
         waddr [L,4] int64: per layer the data addresses of wqkv, wo, w_fc, w_proj (lm_head's dtype);
         ln1, ln2 [L,2,D] and lnf [2,D] float64 (weight, bias); bqkv [L,(H+2G)Dh], bo [L,D], bfc [L,I],
-        bproj [L,D] float32; kv_addr [L,3]: addresses of each layer's cache keys and values, float32
-        [slots,G,Dh] (position pos is written here); scales [L]. qkv, o, f, tmp: shared float32
-        scratch; logits [V] out; sync int64 [SYNC_SIZE] zeroed. Returns nothing; sync[VERDICT] == 1
-        afterwards when the step ran (see _atomics.rendezvous)."""
+        bproj [L,D] float32; kv_addr [L,3]: addresses of each layer's cache keys and values (float32
+        [slots,G,Dh]; position pos is written here) and slot positions (int64); scales [L]. qkv, o,
+        f, tmp: shared float32 scratch; logits [V] out; sync int64 [SYNC_SIZE] zeroed. Returns
+        nothing; sync[VERDICT] == 1 afterwards when the step ran (see _atomics.rendezvous)."""
         d_model = x.shape[0]
         n_layers = waddr.shape[0]
         n_qkv = qkv.shape[0]
@@ -58,7 +58,6 @@ def _make(is_bf16: bool):
             oe = np.empty(n_q // 2, np.float32)
             oo = np.empty(n_q // 2, np.float32)
             scores = np.empty(pos + 1)                                      # [S] float64
-            no_pos = np.arange(pos)                                         # slot s holds position s
             no_sinks = np.zeros(1)
             x2 = x.reshape(1, d_model)
             for layer in range(n_layers):
@@ -82,7 +81,8 @@ def _make(is_bf16: bool):
                 gen += 1
                 barrier(sync, n_threads, gen)
                 # attention: this thread's heads
-                attend_heads(qkv, n_heads * t // n_threads, n_heads * (t + 1) // n_threads, kc, vc, no_pos,
+                sp = numba.carray(pointer_like(kv_addr[layer, 2], kv_addr), slots)
+                attend_heads(qkv, n_heads * t // n_threads, n_heads * (t + 1) // n_threads, kc, vc, sp,
                              pos, pos, pos + 1, 0, no_sinks, False, n_heads, n_kv, head_dim, scales[layer], scores, o)
                 gen += 1
                 barrier(sync, n_threads, gen)
@@ -148,9 +148,7 @@ def _kernel(is_bf16: bool):
 
 
 def _make_rows(is_bf16: bool):
-    """The batched step: B sequences, one new token each, in one region (see ``Gpt2Step.rows``).
-    The tile functions are named in each branch (not held in a variable): numba caches a kernel only
-    when the jitted functions it calls are globals."""
+    """The batched step: B sequences, one new token each, in one region (see ``Gpt2Step.rows``)."""
 
     def step_rows(xb, pos, waddr, ln1, ln2, lnf, bqkv, bo, bfc, bproj, has_bias, lm_head,
                   kv_addr, slots, scales, eps, tanh_gelu, n_heads, n_kv, head_dim,
@@ -182,14 +180,8 @@ def _make_rows(is_bf16: bool):
             no_sinks = np.zeros(1)
             for layer in range(n_layers):
                 _layer_norm_rows(xb, ln1[layer, 0], ln1[layer, 1], True, eps, h)
-                if is_bf16:
-                    permute_blocks(h, hp)
                 w = numba.carray(pointer_like(waddr[layer, 0], lm_head), (n_qkv, d_model))
-                lo, hi = _share(n_qkv, t, n_threads)
-                if is_bf16:
-                    tile_rows_bf16(w, hp, bqkv[layer], has_bias, lo, hi, qkv)
-                else:
-                    tile_rows_f32(w, h, bqkv[layer], has_bias, lo, hi, qkv)
+                lo, hi = _tile_share(is_bf16, w, h, hp, bqkv[layer], has_bias, t, n_threads, qkv)
                 for b in range(n_b):                         # k, v rows into each sequence's slot
                     kc = numba.carray(pointer_like(kv_addr[b, layer, 0], xb), slots[b] * n_kvd)
                     vc = numba.carray(pointer_like(kv_addr[b, layer, 1], xb), slots[b] * n_kvd)
@@ -212,55 +204,46 @@ def _make_rows(is_bf16: bool):
                 gen += 1
                 barrier(sync, n_threads, gen)
                 w = numba.carray(pointer_like(waddr[layer, 1], lm_head), (d_model, n_q))
-                if is_bf16:
-                    permute_blocks(o, op)
-                lo, hi = _share(d_model, t, n_threads)
-                if is_bf16:
-                    tile_rows_bf16(w, op, bo[layer], has_bias, lo, hi, tmp)
-                else:
-                    tile_rows_f32(w, o, bo[layer], has_bias, lo, hi, tmp)
+                lo, hi = _tile_share(is_bf16, w, o, op, bo[layer], has_bias, t, n_threads, tmp)
                 for b in range(n_b):
                     for r in range(lo, hi):
                         xb[b, r] += tmp[b, r]
                 gen += 1
                 barrier(sync, n_threads, gen)
                 _layer_norm_rows(xb, ln2[layer, 0], ln2[layer, 1], True, eps, h)
-                if is_bf16:
-                    permute_blocks(h, hp)
                 w = numba.carray(pointer_like(waddr[layer, 2], lm_head), (n_inner, d_model))
-                lo, hi = _share(n_inner, t, n_threads)
-                if is_bf16:
-                    tile_rows_bf16(w, hp, bfc[layer], has_bias, lo, hi, tmp)
-                else:
-                    tile_rows_f32(w, h, bfc[layer], has_bias, lo, hi, tmp)
+                lo, hi = _tile_share(is_bf16, w, h, hp, bfc[layer], has_bias, t, n_threads, tmp)
                 for b in range(n_b):
                     _gelu_flat(tmp[b, lo:hi], tanh_gelu, f[b, lo:hi])
                 gen += 1
                 barrier(sync, n_threads, gen)
                 w = numba.carray(pointer_like(waddr[layer, 3], lm_head), (d_model, n_inner))
-                if is_bf16:
-                    permute_blocks(f, fp)
-                lo, hi = _share(d_model, t, n_threads)
-                if is_bf16:
-                    tile_rows_bf16(w, fp, bproj[layer], has_bias, lo, hi, tmp)
-                else:
-                    tile_rows_f32(w, f, bproj[layer], has_bias, lo, hi, tmp)
+                lo, hi = _tile_share(is_bf16, w, f, fp, bproj[layer], has_bias, t, n_threads, tmp)
                 for b in range(n_b):
                     for r in range(lo, hi):
                         xb[b, r] += tmp[b, r]
                 gen += 1
                 barrier(sync, n_threads, gen)
             _layer_norm_rows(xb, lnf[0], lnf[1], True, eps, h)
-            if is_bf16:
-                permute_blocks(h, hp)
-            lo, hi = _share(lm_head.shape[0], t, n_threads)
-            if is_bf16:
-                tile_rows_bf16(lm_head, hp, bo[0], False, lo, hi, logits)
-            else:
-                tile_rows_f32(lm_head, h, bo[0], False, lo, hi, logits)
+            _tile_share(is_bf16, lm_head, h, hp, bo[0], False, t, n_threads, logits)
 
     step_rows.__name__ = step_rows.__qualname__ = f"fused_rows_{'bf16' if is_bf16 else 'f32'}"
     return numba.njit(parallel=True, **_OPTS)(step_rows)
+
+
+@numba.njit(**_OPTS)
+def _tile_share(is_bf16, w, x, xp, bias, has_bias, t, n_threads, out):
+    """Thread t's share of ``out = x @ w.T (+ bias)`` in the register tiles of ``_gemm_tiles``
+    (bfloat16 bits take x permuted into xp); returns the share (lo, hi). The tile functions are
+    named here, not held in a variable: numba caches a kernel only when the jitted functions it
+    calls are globals."""
+    lo, hi = _share(w.shape[0], t, n_threads)
+    if is_bf16:
+        permute_blocks(x, xp)
+        tile_rows_bf16(w, xp, bias, has_bias, lo, hi, out)
+    else:
+        tile_rows_f32(w, x, bias, has_bias, lo, hi, out)
+    return lo, hi
 
 
 @numba.njit(**_OPTS)
@@ -380,7 +363,5 @@ class Gpt2Step(FusedDecode):
                 self.disabled = True
                 return None
             for cache, p in zip(caches, pos.tolist()):
-                for i, positions in enumerate(cache.positions):
-                    positions[p] = p
-                    cache._lengths[i] = p + 1
+                self._commit(cache, p)
             return logits

@@ -99,22 +99,17 @@ tile_rows_bf16 = RANGES[True]
 
 
 @numba.njit(cache=True, error_model="numpy", parallel=True, nogil=True)
-def _tiles_f32(w, x, bias, out, chunk):
+def _tiles_parallel(w, x, bias, out, chunk, is_bf16):
+    """Chunks of weight rows over the threads, each one ``tile_rows_*`` call (the functions are named
+    here: numba caches a kernel only when the jitted functions it calls are globals)."""
     n_rows = w.shape[0]
     has_bias = bias.shape[0] == n_rows
     for c in prange((n_rows + chunk - 1) // chunk):
-        tile_rows_f32(w, x, bias, has_bias, c * chunk, min(n_rows, (c + 1) * chunk), out)
-
-
-@numba.njit(cache=True, error_model="numpy", parallel=True, nogil=True)
-def _tiles_bf16(w, x, bias, out, chunk):
-    n_rows = w.shape[0]
-    has_bias = bias.shape[0] == n_rows
-    for c in prange((n_rows + chunk - 1) // chunk):
-        tile_rows_bf16(w, x, bias, has_bias, c * chunk, min(n_rows, (c + 1) * chunk), out)
-
-
-_KERNELS = {False: _tiles_f32, True: _tiles_bf16}
+        lo, hi = c * chunk, min(n_rows, (c + 1) * chunk)
+        if is_bf16:
+            tile_rows_bf16(w, x, bias, has_bias, lo, hi, out)
+        else:
+            tile_rows_f32(w, x, bias, has_bias, lo, hi, out)
 
 
 def supported(weight, m_rows: int) -> bool:
@@ -130,5 +125,5 @@ def tiles_rows(x2, weight, bias, chunk):
     w = weight.view(np.uint16) if is_bf16 else weight
     xs = permute_rows(x2) if is_bf16 else np.ascontiguousarray(x2)            # [M,K]
     out = np.empty((x2.shape[0], weight.shape[0]), np.float32)                # [M,N]
-    _KERNELS[is_bf16](w, xs, np.zeros(0, np.float32) if bias is None else bias, out, chunk)
+    _tiles_parallel(w, xs, np.zeros(0, np.float32) if bias is None else bias, out, chunk, is_bf16)
     return out
