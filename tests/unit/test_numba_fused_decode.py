@@ -356,3 +356,24 @@ def test_batched_step_leaves_a_full_cache_to_the_ops():
     assert step.rows(np.array([1, 2]), [a, b]) is None and not step.disabled     # b has no room
     assert (a.length, b.length) == before
     assert step.rows(np.array([1, 2]), [a, a]) is None                          # one cache twice
+
+
+def test_fused_decode_switch_reads_the_usual_spellings_and_refuses_others(monkeypatch):
+    from gptevo.backends import numba as numba_backend
+    from gptevo.errors import ConfigError
+
+    for value, on in (("0", False), ("off", False), ("False", False), ("1", True), ("yes", True), ("", True)):
+        monkeypatch.setenv("GPTEVO_FUSED_DECODE", value)
+        assert numba_backend.fused_decode_enabled() is on, value
+    monkeypatch.setenv("GPTEVO_FUSED_DECODE", "sometimes")
+    with pytest.raises(ConfigError, match="GPTEVO_FUSED_DECODE='sometimes'"):
+        numba_backend.fused_decode_enabled()
+    config, dtype, _ = CASES["gpt2_f32"]
+    model = Model(config, _gpt2_weights(config, dtype, seed=1), backend="numba")
+    cache = model.new_cache(4)
+    with pytest.raises(ConfigError, match="GPTEVO_FUSED_DECODE"):
+        model.forward([1], cache)
+    monkeypatch.setenv("GPTEVO_FUSED_DECODE", "0")
+    model = Model(config, _gpt2_weights(config, dtype, seed=1), backend="numba")
+    model.forward([1], model.new_cache(4))
+    assert model._fused_step is False

@@ -85,11 +85,25 @@ def prepare_weights(weights, config, mode="stored"):
     return weights
 
 
+def fused_decode_enabled() -> bool:
+    """``GPTEVO_FUSED_DECODE``: unset, "1", "true", "yes", "on" -> True; "0", "false", "no", "off" ->
+    False (any case); anything else is a ConfigError naming the variable and the accepted values."""
+    from gptevo.errors import ConfigError
+
+    value = os.environ.get("GPTEVO_FUSED_DECODE", "1").strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"GPTEVO_FUSED_DECODE={os.environ['GPTEVO_FUSED_DECODE']!r}: expected 1/true/yes/on or "
+                      f"0/false/no/off")
+
+
 def decode_program(config, weights, dtype):
-    """The fused one-token decode step for this model (``_fused_decode.plan``: GPT-2-style models on
-    an AVX-512 host, the whole step in one parallel region), or None. ``GPTEVO_FUSED_DECODE=0`` in
-    the environment turns it off (the ops then run one by one, e.g. to compare the two)."""
-    if os.environ.get("GPTEVO_FUSED_DECODE", "1") == "0" or _IMPORT_ERROR is not None:
+    """The fused decode step for this model (``_fused_decode.plan``: GPT-2- and gpt-oss-style models
+    on an AVX-512 host, a whole token in one parallel region), or None. ``GPTEVO_FUSED_DECODE=0`` (or
+    false/no/off) turns it off (the ops then run one by one, e.g. to compare the two)."""
+    if not fused_decode_enabled() or _IMPORT_ERROR is not None:
         return None
     from gptevo.backends.numba._fused_decode import plan
 
