@@ -99,3 +99,52 @@ def test_streamed_rows_kernel_equals_the_decoded_product(g):
                                   _moe_grouped._powers(), out, 16)
     want = x.astype(np.float64) @ mxfp4_decode(w.blocks[1], w.scales[1]).astype(np.float64).T
     assert _error(out, want) < 1e-5
+
+
+def _region_case(rng, sizes, n_experts=8, d=160, i=128):
+    """Tokens whose pairs give expert groups of exactly ``sizes`` rows (experts 0, 1, ...), k = 2."""
+    pairs = np.concatenate([np.full(s, e) for e, s in enumerate(sizes)])
+    pairs = np.concatenate([pairs, np.full(len(pairs) % 2, len(sizes))])      # even count: k = 2 per token
+    ids = rng.permutation(pairs).reshape(-1, 2)
+    while (ids[:, 0] == ids[:, 1]).any():                                     # a token picks distinct experts
+        ids = rng.permutation(pairs).reshape(-1, 2)
+    n_t = ids.shape[0]
+    return dict(x=rng.standard_normal((n_t, d)).astype(np.float32),
+                weights=rng.random((n_t, 2)).astype(np.float32), ids=ids.astype(np.int64),
+                w_gate_up=_mxfp4(rng, n_experts, 2 * i, d),
+                b_gate_up=rng.standard_normal((n_experts, 2 * i)).astype(np.float32),
+                w_down=_mxfp4(rng, n_experts, d, i), b_down=None, activation="clamped_swiglu")
+
+
+@pytest.mark.parametrize("sizes", [(1, 2, 3, 4, 8, 1), (5, 1, 1, 3), (2, 2, 2, 2, 2, 2)])
+def test_one_region_per_half_equals_the_reference(sizes):
+    """``_moe_region`` (AVX-512 hosts): groups of 1-3 rows streamed, 4+ tiled, a bias on gate_up only,
+    items taken from a shared counter; every pair equals the reference."""
+    from gptevo.backends.numba import _simd
+    if not _simd.has_avx512():
+        pytest.skip("_moe_region runs on AVX-512 hosts only")
+    kw = _region_case(np.random.default_rng(len(sizes)), sizes)
+    got = backends.get("numba").moe_experts(**kw)
+    want = reference_moe(**kw)
+    assert _error(got, want) < 1e-5
+
+
+def test_int8_mode_for_many_tokens_equals_each_token_alone():
+    """int8-prepared experts: a batch of tokens (groups of 1-8 rows) gives, row for row, what each
+    token gives alone through the single-token int8 kernels (both halves have K >= 128, so both are
+    int8), and is int8 (not exact) arithmetic."""
+    from gptevo.backends.numba import _mxfp4_gemv as mg
+    from gptevo.backends.numba import _simd
+    if not _simd.has_avx512():
+        pytest.skip("int8 mode needs AVX-512 (it falls back to exact elsewhere)")
+    kw = _region_case(np.random.default_rng(3), (1, 2, 3, 4, 8, 1, 1))
+    kw8 = dict(kw, w_gate_up=mg.prepare(kw["w_gate_up"], mode="int8"), w_down=mg.prepare(kw["w_down"], mode="int8"))
+    numba_moe = backends.get("numba").moe_experts
+    got = numba_moe(**kw8)
+    for t in range(kw["x"].shape[0]):
+        alone = numba_moe(**dict(kw8, x=kw["x"][t:t + 1], weights=kw["weights"][t:t + 1], ids=kw["ids"][t:t + 1]))
+        np.testing.assert_array_equal(got[t], alone[0])     # the same int8 products, bit for bit
+    exact = numba_moe(**kw)
+    want = reference_moe(**kw)
+    assert _error(exact, want) < 1e-5
+    assert 1e-5 < _error(got, want) < 3e-2           # int8 rounding shows, within int8's budget

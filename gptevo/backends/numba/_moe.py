@@ -141,7 +141,8 @@ def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activatio
             activate=lambda h, a: _expert_activation(h, clamped, alpha, limit, a),
             combine=_combine_kernel,
             gemv=lambda blocks, scales, experts, xr, bias: mg.mxfp4_gemv(blocks, scales, experts, xr, mode=mode,
-                                                                         bias=bias))
+                                                                         bias=bias),
+            mode=mode)
     flat = ids_arr.reshape(-1).astype(np.int64)                             # [T*k] expert of each pair
     order = np.argsort(flat, kind="stable")                                 # pairs grouped by expert
     experts, counts = np.unique(flat[order], return_counts=True)            # [U], [U]

@@ -1,15 +1,15 @@
 """MoE for several tokens with MXFP4 experts: a grouped GEMM (spec: spec/ops/moe.md, spec/backends.md).
 
-The (token, slot) pairs are grouped by expert. For an expert chosen by at least ``TILE_MIN_ROWS``
-pairs, each weight row is decoded once (exact: the reference's values) and multiplied by all of
-the group's input rows, which stay in cache: on AVX-512 hosts by the register tiles of
-``_moe_tiles`` (vector decode, 4 weight rows x 4 input rows per pass), elsewhere by
-:func:`expert_rows_gemm` (scalar decode, one input row per pass: 62-74 GFLOP/s on 2 cores for
-16-64 rows of a 5760 x 2880 expert; decoding tiles for BLAS measured about half that). An expert
-chosen by 2-3 pairs streams once for all of them (``_moe_tiles.expert_rows_stream``, AVX-512), one
-chosen once goes through the streaming decode GEMV (one weight pass per pair). Both halves
-(gate_up, then down) work this way, with the activation between them, then the weighted sum.
-Every kernel here is cacheable (no function arguments), so a second process compiles nothing.
+The (token, slot) pairs are grouped by expert, and each half (gate_up, then down, with the
+activation between them) multiplies every group by its expert; then the weighted sum. On AVX-512
+hosts one parallel region does a whole half (``_moe_region.grouped_half``: groups of 1-3 rows
+stream each weight row once for all of them, larger groups decode four weight rows at a time into
+a buffer and multiply them in register tiles). Elsewhere, an expert chosen by at least
+``TILE_MIN_ROWS`` pairs goes through :func:`expert_rows_gemm` (scalar decode, each weight row
+decoded once, one input row per pass: 62-74 GFLOP/s on 2 cores for 16-64 rows of a 5760 x 2880
+expert; decoding tiles for BLAS measured about half that) and smaller groups through the streaming
+decode GEMV (one weight pass per pair). Every kernel here is cacheable (no function arguments), so a
+second process compiles nothing.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from gptevo.backends.numba import _moe_tiles, _simd
+from gptevo.backends.numba import _moe_region, _simd
 from gptevo.backends.numba._gemv import fast_jit, fast_pjit
 
 TILE_MIN_ROWS = 4        # pairs per expert from which decoding each weight row once for all pairs pays
@@ -71,38 +71,33 @@ def expert_rows_gemm(blocks, scales, e, xg, values, powers, out, chunk):
                     out[r, n0 + 3] = a3
 
 
-def _project(weight, experts, starts, rows_x, xs, bias, out, gemv):
+def _project(weight, experts, starts, rows_x, xs, bias, out, gemv, mode):
     """out[p] = W[e] . xs[rows_x[p]] (+ bias[e]) for the pairs p of each expert group.
 
     experts [U] (sorted), starts [U+1] offsets into the pair order; rows_x [P] the row of xs used by
-    pair p; out [P,N]. Large groups: :func:`expert_rows_gemm`; small groups: one streaming GEMV call.
+    pair p; out [P,N]. AVX-512 hosts: one parallel region for every group (``_moe_region``). Else
+    large groups: :func:`expert_rows_gemm`; small groups: one streaming GEMV call.
     """
     from gptevo.ops.mxfp4 import FP4_VALUES
 
     blocks, scales = weight.blocks, weight.scales
+    if _simd.has_avx512() and blocks.flags.c_contiguous and scales.flags.c_contiguous:
+        _moe_region.grouped_half(weight, experts, starts, np.ascontiguousarray(xs[rows_x]), bias, out, mode)
+        return
     n_out = scales.shape[1]
     values = FP4_VALUES.astype(np.float32)                                   # [16]
     powers = _powers()                                                       # [256]
     chunk = 4 * max(2, -(-n_out // (32 * max(1, numba.get_num_threads()))))   # a multiple of 4
-    tiles = _simd.has_avx512() and blocks.flags.c_contiguous and scales.flags.c_contiguous
-    stream_chunk = max(16, -(-n_out // (8 * max(1, numba.get_num_threads()))))
     small_pairs, small_experts = [], []
     for u, e in enumerate(experts):
         lo, hi = int(starts[u]), int(starts[u + 1])
-        if hi - lo < TILE_MIN_ROWS and not (tiles and hi - lo >= 2):
+        if hi - lo < TILE_MIN_ROWS:
             small_pairs.extend(range(lo, hi))
             small_experts.extend([int(e)] * (hi - lo))
             continue
-        xg = np.ascontiguousarray(xs[rows_x[lo:hi]])                         # [g,K]
         part = np.empty((hi - lo, n_out), np.float32)                        # [g,N]
-        if tiles and hi - lo < TILE_MIN_ROWS:        # 2-3 rows: one streamed pass for all of them
-            _moe_tiles.expert_rows_stream(blocks, scales, int(e), _moe_tiles.permute_rows(xg), values, powers,
-                                          part, stream_chunk)
-        elif tiles:
-            _moe_tiles.expert_tiles_gemm(blocks, scales, int(e), _moe_tiles.permute_rows(xg), values, powers,
-                                         part, chunk)
-        else:
-            expert_rows_gemm(blocks, scales, int(e), xg, values, powers, part, chunk)
+        expert_rows_gemm(blocks, scales, int(e), np.ascontiguousarray(xs[rows_x[lo:hi]]), values, powers, part,
+                         chunk)
         out[lo:hi] = part
         if bias is not None:
             out[lo:hi] += bias[int(e)]
@@ -124,12 +119,14 @@ def _powers() -> np.ndarray:
     return _POWERS[0]
 
 
-def moe_grouped_mxfp4(x, weights, ids, w_gate_up, w_down, b_gu, b_dn, activate, combine, gemv):
+def moe_grouped_mxfp4(x, weights, ids, w_gate_up, w_down, b_gu, b_dn, activate, combine, gemv,
+                      mode="exact"):
     """moe_experts for T >= 2 tokens with MXFP4 experts, float32.
 
     x [T,D]; weights, ids [T,k]; b_gu [E,2I] | None; b_dn [E,D] | None; ``activate(h, a)`` writes
     the expert activation of h [P,2I] into a [P,I]; ``combine(y, pair_of, weights, out)`` the
-    weighted sum; ``gemv(blocks, scales, experts, x, bias)`` the streaming decode GEMV.
+    weighted sum; ``gemv(blocks, scales, experts, x, bias)`` the streaming decode GEMV (portable
+    hosts); ``mode`` the MXFP4 mode ("exact" | "int8", ``_moe_region.grouped_half``).
     """
     n_t, k = ids.shape
     flat = ids.reshape(-1).astype(np.int64)                                  # [P] expert of pair
@@ -139,11 +136,11 @@ def moe_grouped_mxfp4(x, weights, ids, w_gate_up, w_down, b_gu, b_dn, activate, 
     tokens = (order // k).astype(np.int64)                                   # [P] token of sorted pair
     two_i = w_gate_up.scales.shape[1]
     h = np.empty((flat.size, two_i), np.float32)                             # [P,2I]
-    _project(w_gate_up, experts, starts, tokens, x, b_gu, h, gemv)
+    _project(w_gate_up, experts, starts, tokens, x, b_gu, h, gemv, mode)
     a = np.empty((flat.size, two_i // 2), np.float32)                        # [P,I]
     activate(h, a)
     y = np.empty((flat.size, w_down.scales.shape[1]), np.float32)            # [P,D]
-    _project(w_down, experts, starts, np.arange(flat.size, dtype=np.int64), a, b_dn, y, gemv)
+    _project(w_down, experts, starts, np.arange(flat.size, dtype=np.int64), a, b_dn, y, gemv, mode)
     pair_of = np.empty(flat.size, np.int64)
     pair_of[order] = np.arange(flat.size)                                    # sorted index of (t, j)
     out = np.zeros((n_t, y.shape[1]), np.float32)                            # [T,D]
