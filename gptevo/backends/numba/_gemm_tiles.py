@@ -1,17 +1,23 @@
-"""A few input rows times a weight read once, in AVX-512 register tiles (batched decode, 5-16 rows).
+"""A few input rows times a weight read once, in AVX-512 register tiles (batched decode, 2-16 rows).
 
 Same contract as :func:`_gemm_small.small_gemm` (``out[m, n] = W[n] . x[m] (+ bias[n])``), with the
-products written as explicit vectors: four weight rows x four input rows per pass (16
-accumulators), per 32 values two weight vectors per row (float32: two loads; bfloat16: one 64-byte
-load split into its even and odd elements by a shift and a mask, so the input rows are permuted
-once per call to match, as in ``_moe_tiles.permute_rows``) and 16 FMAs per vector pair, one
-horizontal sum per output at the end. The loop form in ``_gemm_small`` pairs four weight rows with
-two input rows (6 loads per 8 FMAs). K % 32 == 0; every product is of the exactly widened operands,
-only summation order differs (spec/backends.md, "Numerical policy"). Measured against small_gemm
-on 2 threads (same run): GPT-2 and gpt-oss shapes 0-15 % faster at 8 rows, up to 16 % at 16 rows
-(gpt-oss 5120 x 2880 float32, 16 rows: 4.6 -> 3.9 ms); at 8 rows both stream the weights at only
-~17 GB/s (four weight rows read at once; one weight row times eight input rows measured slower,
-load-bound); software prefetch of the four rows changed nothing measurable.
+products written as explicit vectors. Weight rows go in blocks of BLOCK_ROWS; each block takes the
+input rows in passes of up to eight: 5-8 rows in one pass of three weight rows x eight input rows
+(24 accumulators), 1-4 rows in one of four x four (16 accumulators); a second pass (9-16 rows)
+reads the block from L2. Per 32 values two weight vectors per row (float32: two loads; bfloat16:
+one 64-byte load split into its even and odd elements by a shift and a mask, so the input rows are
+permuted once per call to match, as in ``_moe_tiles.permute_rows``); one horizontal sum per output
+at the end. Every weight stream is prefetched PREFETCH_BYTES ahead into L2 (``prefetcht1``).
+K % 32 == 0; every product is of the exactly widened operands, only summation order differs
+(spec/backends.md, "Numerical policy"); both passes sum each lane in the same order, so a row's
+result does not depend on how many rows came with it.
+
+Measured (GPT-2 weights, all 49 matrices, 2 threads, same-process A/B, min of 5, ms per step):
+the earlier two-pass 4 x 4 form with no prefetch took 27.6 (8 rows, float32) and 22.9 (bfloat16);
+one pass of 3 x 8 with ``prefetcht0`` 8 KB ahead 22.2 / 14.8; with ``prefetcht1`` 18.0 / 14.8
+(the streams stop evicting the input rows from L1). Against ``_gemm_small.small_rows`` (four weight
+rows x two input rows, no prefetch): 2 rows 15.4 vs 15.8 (float32), 15.4 vs 8.7 (bfloat16); 3 rows
+22.4 vs 18.1, 22.2 vs 11.6; 4 rows 17.7 vs 14.1, 18.1 vs 9.8; 12 rows 39.4 vs 27.5.
 """
 from __future__ import annotations
 
@@ -21,16 +27,17 @@ from numba import prange
 
 from gptevo.backends.numba._moe_tiles import permute_rows
 from gptevo.backends.numba._simd import (bits_to_f32, f32x16_zero, hsum, i32x16_bcast, iand, isll, load_f32x16,
-                                         load_i32x16, prefetch, vfma)
+                                         load_i32x16, prefetch_l2, vfma)
 
-MIN_ROWS = 5           # from this many input rows up to _gemm_small.MAX_ROWS
+MIN_ROWS = 2           # from this many input rows up to _gemm_small.MAX_ROWS
 BLOCK_ROWS = 48        # weight rows per block: read from memory once, from L2 by a second pass
-PREFETCH_BYTES = 8192  # software prefetch distance of the one-pass kernel (measured: 2 KB slower, 8-16 KB best)
+PREFETCH_BYTES = 8192  # software prefetch distance (measured with prefetcht0: 2 KB slower, 8-16 KB best)
 
 
 def _make_pass4(is_bf16: bool):
     """Weight rows [lo, hi) times the q <= 4 input rows r0.. (four weight rows x four input rows per
-    step, 16 accumulators), float32 weights or bfloat16 bits (a compile-time constant)."""
+    step, 16 accumulators; missing input rows repeat the last one and are not stored), float32
+    weights or bfloat16 bits (a compile-time constant), each weight stream prefetched into L2."""
     def pass4(w, x, bias, has_bias, lo, hi, r0, q, out):
         k = w.shape[1]
         high = i32x16_bcast(np.int32(-65536))
@@ -51,6 +58,12 @@ def _make_pass4(is_bf16: bool):
             a30 = f32x16_zero(); a31 = f32x16_zero(); a32 = f32x16_zero(); a33 = f32x16_zero()  # noqa: E702
             for j in range(0, k, 32):
                 for half in range(2):
+                    if half == 0 or not is_bf16:           # one 64-byte line per weight row and step
+                        pj = bpe * (j + 16 * half) + PREFETCH_BYTES
+                        prefetch_l2(w, o0 + pj)
+                        prefetch_l2(w, o1 + pj)
+                        prefetch_l2(w, o2 + pj)
+                        prefetch_l2(w, o3 + pj)
                     if is_bf16:
                         v0 = load_i32x16(w, o0 + 2 * j)
                         v1 = load_i32x16(w, o1 + 2 * j)
@@ -92,7 +105,7 @@ def _make_pass4(is_bf16: bool):
 def _make_pass8(is_bf16: bool):
     """Weight rows [lo, hi) times the 5 <= q <= 8 input rows r0.. in one pass: three weight rows x
     eight input rows per step (24 accumulators; missing input rows repeat the last one and are not
-    stored), each weight stream prefetched PREFETCH_BYTES ahead. Per lane the products are summed
+    stored), each weight stream prefetched PREFETCH_BYTES ahead into L2. Per lane the products are summed
     in the order of :func:`_make_pass4`'s kernel, so either pass gives the same bits."""
     def pass8(w, x, bias, has_bias, lo, hi, r0, q, out):
         k = w.shape[1]
@@ -121,9 +134,9 @@ def _make_pass8(is_bf16: bool):
                 for half in range(2):
                     if half == 0 or not is_bf16:           # one 64-byte line per weight row and step
                         pj = bpe * (j + 16 * half) + PREFETCH_BYTES
-                        prefetch(w, o0 + pj)
-                        prefetch(w, o1 + pj)
-                        prefetch(w, o2 + pj)
+                        prefetch_l2(w, o0 + pj)
+                        prefetch_l2(w, o1 + pj)
+                        prefetch_l2(w, o2 + pj)
                     if is_bf16:
                         v0 = load_i32x16(w, o0 + 2 * j)
                         v1 = load_i32x16(w, o1 + 2 * j)

@@ -109,7 +109,7 @@ def linear(x, weight, bias=None):
 
     One input row (decode) streams the weight through :func:`_gemv.gemv` when the weight kind has a
     streaming kernel; 2-16 float32 rows (batched decode) with float32/bf16/f16 weights go through
-    the register tiles of :mod:`_gemm_tiles` (AVX-512, 5+ rows, K % 32 == 0) or
+    the register tiles of :mod:`_gemm_tiles` (AVX-512, K % 32 == 0) or
     :func:`_gemm_small.small_rows` (each weight row read once for all rows; BLAS is slow at that
     shape); the int8 mode's marked weights take four rows per pass of the VNNI kernel
     (:func:`_gemv_q8.gemv_int8_q8_rows`, each row bitwise as alone), other int8 weights one streamed
