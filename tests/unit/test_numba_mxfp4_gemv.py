@@ -103,6 +103,39 @@ def test_int8_within_bound(variant, n, g, u, shared):
     assert _nerr(out, ref) > 0                                 # it really is the quantized path
 
 
+def _int8_model(blocks, scales, experts, x):
+    """The int8 mode's arithmetic in float64: x quantized per 32-value block as the kernel does
+    (d = max|x| / 127 in float32, q = round half even(x * (1/d))), then per block the exact integer
+    dot with the E2M1 values, times 2**(s - 127) * d."""
+    k = x.shape[1]
+    xb = x.reshape(x.shape[0], k // 32, 32)                                   # [M,G,32]
+    d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)              # [M,G]
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    q = np.round(xb * inv[..., None]).astype(np.float64)                      # [M,G,32]
+    out = np.empty((len(experts), scales.shape[1]))
+    for u, e in enumerate(experts):
+        w = mxfp4_decode(blocks[e], np.full_like(scales[e], 127)).astype(np.float64)   # [N,K] E2M1 values
+        wb = w.reshape(w.shape[0], k // 32, 32)
+        m = u if x.shape[0] > 1 else 0
+        per_block = np.einsum("ngj,gj->ng", wb, q[m])                          # [N,G] integer sums
+        out[u] = (per_block * np.ldexp(1.0, scales[e].astype(np.int64) - 127) * d[m]).sum(-1)
+    return out
+
+
+@pytest.mark.parametrize("variant", INT8)
+@pytest.mark.parametrize("g", [4, 15, 16, 17, 35, 90])
+def test_int8_equals_its_arithmetic_model(variant, g):
+    """Pins the int8 rows to their definition (1e-5, float32 sums), so a block paired with another
+    block's scale (16-block steps, their lane reductions, the tail windows) cannot hide in the
+    2 % budget of the test above."""
+    rng = np.random.default_rng(g)
+    blocks, scales = _packed(rng, 3, 21, g, 120, 134)
+    experts = np.array([2, 0])
+    x = rng.standard_normal((2, 32 * g)).astype(np.float32)
+    out = mg.mxfp4_gemv(blocks, scales, experts, x, mode="int8", variant=variant)
+    assert _nerr(out, _int8_model(blocks, scales, experts, x)) <= 1e-5
+
+
 def test_int8_small_k_falls_back_to_exact():
     rng = np.random.default_rng(3)
     blocks, scales = _packed(rng, 2, 5, 3)                    # K = 96 < 128

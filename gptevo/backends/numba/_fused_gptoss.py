@@ -38,7 +38,7 @@ def _make(dense_q8: bool, moe_int8: bool):
     def step(x, pos, waddr, lm_head, lm_head_s, u16_like, u8_like, ln1, ln2, lnf, bqkv, bo, rbias,
              sinks, has_sinks, gu_bias, dn_bias, has_expert_bias, kv_addr, slots, windows, cos, sin, interleaved,
              eps, offset, scale, n_heads, n_kv, head_dim, top_k, softmax_first, renormalize, alpha, limit,
-             qkv, o, hbuf, act, ae, ao, aqe, aqo, asl, acorr, tmp, logits, table, powers, const, pick,
+             qkv, o, hbuf, act, ae, ao, aqe, aqo, asl, acorr, asb, tmp, logits, table, powers, const, pick,
              sync, work, chunks, n_threads):
         """See the module doc. x [D] float32 (updated in place); waddr [L,9] int64, per layer the data
         addresses of wqkv, its Q8 scales, wo, its Q8 scales (dense: lm_head's dtype, bf16 bits or Q8
@@ -47,7 +47,7 @@ def _make(dense_q8: bool, moe_int8: bool):
         values (float32 [slots,G,Dh]) and slot positions (int64) with slots [L];
         ln1 / ln2 [L,D], lnf [D] float64; biases float32 stacked by layer; sinks [L,H] float64;
         windows [L] (0: full); cos / sin [R/2] for this position; shared float32 scratch qkv, o, hbuf
-        [k*2I], act [k*I], tmp; the down projection's input layouts ae / ao or aqe / aqo / asl / acorr;
+        [k*2I], act [k*I], tmp; the down projection's input layouts ae / ao or aqe / aqo / asl / acorr / asb;
         logits [V] out; sync int64 zeroed (sync[VERDICT] == 1 afterwards when the step ran)."""
         d_model = x.shape[0]
         n_layers = waddr.shape[0]
@@ -79,6 +79,7 @@ def _make(dense_q8: bool, moe_int8: bool):
             xqo = np.empty((1, 64 * ng_d), np.int8)
             xsl = np.empty((1, 16 * ng_d), np.float32)
             xcorr = np.empty((1, 16 * ng_d), np.int32)
+            xsb = np.empty((1, nb_d), np.float32)
             z = np.empty((1, rbias.shape[1]), np.float32)                       # [1,E] router logits
             rw = np.empty((1, top_k), np.float32)
             rid = np.empty((1, top_k), np.int64)
@@ -149,7 +150,7 @@ def _make(dense_q8: bool, moe_int8: bool):
                 rows_bf16(router, he, ho, rbias[layer], True, 0, n_experts, z[0])
                 _route_kernel(z, top_k, softmax_first, renormalize, rw, rid)
                 if moe_int8:
-                    mg._quantize_rows(h, nb_d, xqe, xqo, xsl, xcorr)
+                    mg._quantize_rows(h, nb_d, xqe, xqo, xsl, xcorr, xsb)
                 total = top_k * n_exp_rows
                 blocks = numba.carray(pointer_like(waddr[layer, 5], u8_like), n_experts * n_exp_rows * nb_d * 16)
                 sc = numba.carray(pointer_like(waddr[layer, 6], u8_like), n_experts * n_exp_rows * nb_d)
@@ -162,8 +163,8 @@ def _make(dense_q8: bool, moe_int8: bool):
                         e = rid[0, u]
                         row = e * n_exp_rows + f % n_exp_rows
                         if moe_int8:
-                            y = mg._row_int8(blocks, row * nb_d * 16, sc, row * nb_d, xqe, xqo, xsl, xcorr, 0, nb_d,
-                                             const, True)
+                            y = mg._row_int8(blocks, row * nb_d * 16, sc, row * nb_d, xqe, xqo, xsl, xcorr, xsb, 0,
+                                             nb_d, const, True)
                         else:
                             y = mg._row_exact_avx512(blocks, row * nb_d * 16, sc, row * nb_d, he, 0, ho, nb_d,
                                                      table, powers)
@@ -177,7 +178,7 @@ def _make(dense_q8: bool, moe_int8: bool):
                     a_u = act[u * n_inner:(u + 1) * n_inner]
                     if moe_int8:
                         mg._quantize_rows(a_u.reshape(1, n_inner), nb_i, aqe[u:u + 1], aqo[u:u + 1], asl[u:u + 1],
-                                          acorr[u:u + 1])
+                                          acorr[u:u + 1], asb[u:u + 1])
                     else:
                         split_even_odd(a_u, ae[u * n_inner // 2:(u + 1) * n_inner // 2],
                                        ao[u * n_inner // 2:(u + 1) * n_inner // 2])
@@ -195,8 +196,8 @@ def _make(dense_q8: bool, moe_int8: bool):
                         for r in range(lo, hi):
                             row = e * d_model + r
                             if moe_int8:
-                                y = mg._row_int8(blocks, row * nb_i * 16, sc, row * nb_i, aqe, aqo, asl, acorr, u,
-                                                 nb_i, const, True)
+                                y = mg._row_int8(blocks, row * nb_i * 16, sc, row * nb_i, aqe, aqo, asl, acorr, asb,
+                                                 u, nb_i, const, True)
                             else:
                                 y = mg._row_exact_avx512(blocks, row * nb_i * 16, sc, row * nb_i, ae, u * nb_i * 16,
                                                          ao, nb_i, table, powers)
@@ -355,6 +356,7 @@ class GptOssStep(FusedDecode):
         self.aqo = np.empty((k, 64 * ng), np.int8)
         self.asl = np.empty((k, 16 * ng), np.float32)
         self.acorr = np.empty((k, 16 * ng), np.int32)
+        self.asb = np.empty((k, inner // 32), np.float32)
         self.tmp = np.empty(D, np.float32)
         self._rope_memo: dict = {}
 
@@ -397,5 +399,6 @@ class GptOssStep(FusedDecode):
             float(c.norm_offset), self.scale, c.num_heads, c.num_kv_heads, c.head_dim, c.experts_per_token,
             c.router_order == "softmax_topk", bool(c.norm_topk_prob), float(c.swiglu_alpha), float(c.swiglu_limit),
             self.qkv, self.o, self.hbuf, self.act, self.ae, self.ao, self.aqe, self.aqo, self.asl, self.acorr,
+            self.asb,
             self.tmp, logits, mg.VALUES_F32, mg.POWERS_F32, mg.INT8_CONST, _gemv_q8.PICK, sync,
             np.zeros(6 * c.num_layers + 2, np.int64), self._chunks(n_threads), n_threads)

@@ -34,22 +34,22 @@ ROWS_PER_ITEM = 32       # weight rows per work item (a multiple of 4 for the ti
 
 
 @kjit
-def _int8_rows(blocks, scales, e, n_out, n_blocks, xqe, xqo, xsl, corr, p0, g, out, lo, hi, bias, has_bias,
+def _int8_rows(blocks, scales, e, n_out, n_blocks, xqe, xqo, xsl, corr, xsb, p0, g, out, lo, hi, bias, has_bias,
                const, vnni):
     """out[p0 + r, n] for the g int8-quantized rows p0.. of the group and weight rows lo..hi."""
     for n in range(lo, hi):
         row = e * n_out + n
         for r in range(g):
-            y = _row_int8(blocks, row * n_blocks * 16, scales, row * n_blocks, xqe, xqo, xsl, corr, p0 + r,
+            y = _row_int8(blocks, row * n_blocks * 16, scales, row * n_blocks, xqe, xqo, xsl, corr, xsb, p0 + r,
                           n_blocks, const, vnni)
             out[p0 + r, n] = y + bias[e, n] if has_bias else y
 
 
 @kpjit
-def _half(blocks, scales, experts, starts, xp, xqe, xqo, xsl, corr, int8, vnni, out, bias, has_bias, table,
+def _half(blocks, scales, experts, starts, xp, xqe, xqo, xsl, corr, xsb, int8, vnni, out, bias, has_bias, table,
           powers, const, chunk, work, n_threads):
     """out[p, n] = decode(W[experts[u], n]) . x[p] (+ bias) for every pair p of group u (sorted order);
-    xp [P,K] the rows permuted by ``_moe_tiles.permute_rows`` (exact) or xqe/xqo/xsl/corr the
+    xp [P,K] the rows permuted by ``_moe_tiles.permute_rows`` (exact) or xqe/xqo/xsl/corr/xsb the
     int8 layout of ``_mxfp4_gemv._quantize_rows`` (int8); work int64 [1] zeroed: the item counter."""
     n_out, n_blocks = scales.shape[1], scales.shape[2]
     sflat = scales.reshape(-1)
@@ -69,7 +69,7 @@ def _half(blocks, scales, experts, starts, xp, xqe, xqo, xsl, corr, int8, vnni, 
             p0 = starts[u]
             g = starts[u + 1] - p0
             if int8:
-                _int8_rows(blocks, scales, e, n_out, n_blocks, xqe, xqo, xsl, corr, p0, g, out, lo, hi, bias,
+                _int8_rows(blocks, scales, e, n_out, n_blocks, xqe, xqo, xsl, corr, xsb, p0, g, out, lo, hi, bias,
                            has_bias, const, vnni)
             elif g < TILE_MIN_ROWS:
                 stream_rows(blocks, sflat, e, n_out, n_blocks, xp, p0 * k, g, table, powers, out, p0, lo, hi,
@@ -100,14 +100,16 @@ def grouped_half(weight, experts, starts, x, bias, out, mode="exact"):
         xqo = np.empty((p, 64 * n_groups), np.int8)
         xsl = np.empty((p, 16 * n_groups), np.float32)                    # [P, 16 groups]
         corr = np.empty((p, 16 * n_groups), np.int32)
-        _quantize_rows(x, n_blocks, xqe, xqo, xsl, corr)
+        xsb = np.empty((p, n_blocks), np.float32)                         # [P, K/32]
+        _quantize_rows(x, n_blocks, xqe, xqo, xsl, corr, xsb)
         xp = np.zeros(16, np.float32)
     else:
         xp = _moe_tiles.permute_rows(x).reshape(-1)                       # [P*K]
         xqe = xqo = np.zeros((1, 64), np.int8)
         xsl = np.zeros((1, 16), np.float32)
+        xsb = np.zeros((1, 16), np.float32)
         corr = np.zeros((1, 16), np.int32)
     work = np.zeros(1, np.int64)
-    _half(blocks, scales, experts, starts, xp, xqe, xqo, xsl, corr, int8, default_variant("int8") == "avx512-vnni",
+    _half(blocks, scales, experts, starts, xp, xqe, xqo, xsl, corr, xsb, int8, default_variant("int8") == "avx512-vnni",
           out, b, has_bias, VALUES_F32, POWERS_F32, INT8_CONST, ROWS_PER_ITEM, work, numba.get_num_threads())
     return out

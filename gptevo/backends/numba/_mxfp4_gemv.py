@@ -26,9 +26,10 @@ Modes and variants (spec/backends.md, "MXFP4 decode kernels", has the measuremen
   ``max|x| / 127``, round half to even), as llama.cpp's ``ggml_vec_dot_mxfp4_q8_0`` does. Weights go
   through a ``vpshufb`` table to ``2 * e2m1 + 12`` (unsigned 0..24, so the unsigned x signed byte
   product ``vpdpbusd`` applies; the ``12 * sum(xq)`` offset is subtracted per lane, the factor 1/2
-  folded into the activation scale), 64 weight bytes (4 blocks) per step; each dword lane holds the
-  partial sum of one block, is converted to float and multiplied by the block's weight scale
-  (``scale_byte << 23`` as float bits) times its activation scale. Variants ``avx512-vnni``
+  folded into the activation scale), 64 weight bytes (4 blocks, 4 dword lanes each) per vector;
+  per 16 blocks the four vectors' lanes are summed pairwise twice (one lane per block), converted
+  to float and multiplied by the block's weight scale (``scale_byte << 23`` as float bits) times
+  its activation scale; the last K/32 mod 16 blocks convert each vector's lanes. Variants ``avx512-vnni``
   (``vpdpbusd``) and ``avx512-bw`` (``vpmaddubsw`` + ``vpmaddwd``). Approximate (about 0.5%
   relative error on random data); scale byte 0 counts as 0 instead of 2**-127 and 255 as inf
   instead of NaN (``prepare`` records whether any 255 exists; ``moe_experts`` then uses exact mode).
@@ -48,9 +49,9 @@ from numba import prange
 
 from gptevo.backends.numba import _simd
 from gptevo.backends.numba._simd import (
-    bits_to_f32, dpbusd_x86, f32x16_bcast, f32x16_zero, hsum, i32_to_f32, i32x16_zero, iand, isll, isrl,
-    isub, load_f32x16, load_i32x16, load_u32, load_u8x4_bcast, load_u8x16_zext, permb, permps, pmaddubs_madd, prefetch,
-    pshufb, vadd, vfma, vmul,
+    bits_to_f32, dpbusd_x86, even_lanes, f32x16_bcast, f32x16_zero, hsum, i32_to_f32, i32x16_zero, iadd, iand, isll,
+    isrl, isub, load_f32x16, load_i32x16, load_u32, load_u8x4_bcast, load_u8x16_zext, odd_lanes, permb, permps,
+    pmaddubs_madd, prefetch, pshufb, vadd, vfma, vmul,
 )
 from gptevo.errors import RequestError
 from gptevo.ops.mxfp4 import FP4_VALUES, SCALE_BIAS, SCALE_NAN
@@ -260,14 +261,15 @@ def _split_exact(x, xe, xo, xp):
 
 
 @kjit
-def _quantize_rows(x, n_blocks, xqe, xqo, xsl, corr):
+def _quantize_rows(x, n_blocks, xqe, xqo, xsl, corr, xsb):
     """Quantize each row of x [M, K] per 32-value block to int8 and lay it out for the int8 kernels.
 
     Groups of 4 blocks (64 weight bytes); the last group is the window of the last 4 blocks, its
     lanes of blocks already covered by the previous group get zero activations and scales. Per
     group q of row m: xqe/xqo [64] the even/odd elements (lane l = bytes 4l..4l+3 = block l//4,
     byte 4(l%4)+i of it), xsl [16] half the block's activation scale per lane, corr [16]
-    INT8_OFFSET * the lane's sum of quantized values.
+    INT8_OFFSET * the lane's sum of quantized values. xsb [M, n_blocks]: half of each block's
+    activation scale (the 16-block steps of :func:`_row_int8`).
     """
     n_groups = (n_blocks + 3) // 4
     d = np.empty(n_blocks, np.float32)
@@ -277,6 +279,7 @@ def _quantize_rows(x, n_blocks, xqe, xqo, xsl, corr):
             for i in range(32):
                 amax = max(amax, abs(x[m, 32 * g + i]))
             d[g] = amax / np.float32(127)
+            xsb[m, g] = np.float32(0.5) * d[g]
         for q in range(n_groups):
             b0 = 4 * q if q < n_groups - 1 else n_blocks - 4
             for lane in range(16):
@@ -296,10 +299,14 @@ def _quantize_rows(x, n_blocks, xqe, xqo, xsl, corr):
 
 
 @kjit
-def _row_int8(blocks, boff, scales, soff, xqe, xqo, xsl, corr, m, n_blocks, const, vnni):
-    """x . W-row in int8 mode; m is the x row (quantized layout of _quantize_rows). 64 weight bytes
-    (4 blocks) per step; the last step is the window of the last 4 blocks. (The loop body is
-    written out, not a helper: a helper taking arrays costs a reference count per call.)"""
+def _row_int8(blocks, boff, scales, soff, xqe, xqo, xsl, corr, xsb, m, n_blocks, const, vnni):
+    """x . W-row in int8 mode; m is the x row (quantized layout of _quantize_rows). 16 blocks (256
+    weight bytes, four 64-byte vectors) per step: each vector's dword lanes hold partial sums of its
+    4 blocks (4 lanes each); two levels of even/odd lane pair sums leave one lane per block, which
+    is converted to float once and scaled by its weight scale times its activation scale. The last
+    n_blocks % 16 blocks go one vector at a time (the last one the window of the last 4 blocks).
+    (The loop body is written out, not a helper: a helper taking arrays costs a reference count
+    per call.)"""
     lut = load_i32x16(const, 0)
     smask = load_i32x16(const, 64)
     mask4 = load_i32x16(const, 128)
@@ -308,33 +315,69 @@ def _row_int8(blocks, boff, scales, soff, xqe, xqo, xsl, corr, m, n_blocks, cons
     n_groups = (n_blocks + 3) // 4
     xbase = m * 64 * n_groups
     lbase = m * 16 * n_groups
-    for q in range(n_groups):
+    n16 = n_blocks // 16
+    for h in range(n16):
+        o = boff + 256 * h
+        d0 = i32x16_zero()
+        d1 = i32x16_zero()
+        d2 = i32x16_zero()
+        d3 = i32x16_zero()
+        for v in range(4):
+            prefetch(blocks, o + 64 * v + PREFETCH_BYTES)        # a few rows ahead
+            w = load_i32x16(blocks, o + 64 * v)                  # 64 bytes: 4 blocks
+            if _VBMI:                                            # vpermb reads 6 index bits; the table
+                lo = permb(lut, w)                               # repeats every 16 bytes: no masks
+                hi = permb(lut, isrl(w, 4))
+            else:
+                lo = pshufb(lut, iand(w, mask4))                 # elements 2j as 2*e2m1 + 12
+                hi = pshufb(lut, iand(isrl(w, 4), mask4))        # elements 2j+1
+            xoff = xbase + 64 * (4 * h + v)
+            if vnni:
+                dp = dpbusd_x86(dpbusd_x86(i32x16_zero(), lo, load_i32x16(xqe, xoff)), hi, load_i32x16(xqo, xoff))
+            else:
+                dp = pmaddubs_madd(pmaddubs_madd(i32x16_zero(), lo, load_i32x16(xqe, xoff)), hi,
+                                   load_i32x16(xqo, xoff))
+            dp = isub(dp, load_i32x16(corr, 4 * (lbase + 16 * (4 * h + v))))   # remove the +12 offset
+            if v == 0:
+                d0 = dp
+            elif v == 1:
+                d1 = dp
+            elif v == 2:
+                d2 = dp
+            else:
+                d3 = dp
+        s01 = iadd(even_lanes(d0, d1), odd_lanes(d0, d1))       # blocks 0,0,1,1,..,7,7
+        s23 = iadd(even_lanes(d2, d3), odd_lanes(d2, d3))       # blocks 8,8,..,15,15
+        sb = iadd(even_lanes(s01, s23), odd_lanes(s01, s23))    # block 0..15
+        sv = bits_to_f32(isll(load_u8x16_zext(scales, soff + 16 * h), 23))   # 2**(s-127) per block
+        f = vmul(sv, load_f32x16(xsb, m * n_blocks + 16 * h))
+        if h % 2 == 0:
+            acc0 = vfma(i32_to_f32(sb), f, acc0)
+        else:
+            acc1 = vfma(i32_to_f32(sb), f, acc1)
+    for q in range(4 * n16, n_groups):
         b0 = 4 * q if q < n_groups - 1 else n_blocks - 4
-        prefetch(blocks, boff + 16 * b0 + PREFETCH_BYTES)        # a few rows ahead
-        w = load_i32x16(blocks, boff + 16 * b0)                  # 64 bytes: 4 blocks
-        if _VBMI:                                                # vpermb reads 6 index bits; the table
-            lo = permb(lut, w)                                   # repeats every 16 bytes: no masks
+        w = load_i32x16(blocks, boff + 16 * b0)
+        if _VBMI:
+            lo = permb(lut, w)
             hi = permb(lut, isrl(w, 4))
         else:
-            lo = pshufb(lut, iand(w, mask4))                     # elements 2j as 2*e2m1 + 12
-            hi = pshufb(lut, iand(isrl(w, 4), mask4))            # elements 2j+1
+            lo = pshufb(lut, iand(w, mask4))
+            hi = pshufb(lut, iand(isrl(w, 4), mask4))
         xoff = xbase + 64 * q
         if vnni:
             dp = dpbusd_x86(dpbusd_x86(i32x16_zero(), lo, load_i32x16(xqe, xoff)), hi, load_i32x16(xqo, xoff))
         else:
             dp = pmaddubs_madd(pmaddubs_madd(i32x16_zero(), lo, load_i32x16(xqe, xoff)), hi, load_i32x16(xqo, xoff))
-        dp = isub(dp, load_i32x16(corr, 4 * (lbase + 16 * q)))   # remove the +12 offset
+        dp = isub(dp, load_i32x16(corr, 4 * (lbase + 16 * q)))
         sv = bits_to_f32(isll(pshufb(load_u8x4_bcast(scales, soff + b0), smask), 23))   # 2**(s-127) per lane
         f = vmul(sv, load_f32x16(xsl, lbase + 16 * q))
-        if q % 2 == 0:
-            acc0 = vfma(i32_to_f32(dp), f, acc0)
-        else:
-            acc1 = vfma(i32_to_f32(dp), f, acc1)
+        acc0 = vfma(i32_to_f32(dp), f, acc0)
     return hsum(vadd(acc0, acc1))
 
 
 @kpjit
-def _gemv_int8(blocks, scales, experts, xqe, xqo, xsl, corr, per_row, out, bias, has_bias, n_rows, n_blocks,
+def _gemv_int8(blocks, scales, experts, xqe, xqo, xsl, corr, xsb, per_row, out, bias, has_bias, n_rows, n_blocks,
                chunk, const, vnni):
     n_u, n_out = out.shape
     n_chunks = (n_out + chunk - 1) // chunk
@@ -346,8 +389,8 @@ def _gemv_int8(blocks, scales, experts, xqe, xqo, xsl, corr, per_row, out, bias,
         m = u if per_row else 0
         for n in range(lo, hi):
             row = e * n_rows + n
-            y = _row_int8(blocks, row * n_blocks * 16, scales, row * n_blocks, xqe, xqo, xsl, corr, m, n_blocks,
-                          const, vnni)
+            y = _row_int8(blocks, row * n_blocks * 16, scales, row * n_blocks, xqe, xqo, xsl, corr, xsb, m,
+                          n_blocks, const, vnni)
             out[u, n] = y + bias[e, n] if has_bias else y
 
 
@@ -480,9 +523,10 @@ def mxfp4_gemv(blocks, scales, experts, x, out=None, mode="exact", bias=None, va
             xqo = np.empty((m, 64 * n_groups), np.int8)
             xsl = np.empty((m, 16 * n_groups), np.float32)
             corr = np.empty((m, 16 * n_groups), np.int32)
-            _quantize_rows(x, n_blocks, xqe, xqo, xsl, corr)
+            xsb = np.empty((m, n_blocks), np.float32)
+            _quantize_rows(x, n_blocks, xqe, xqo, xsl, corr, xsb)
             _gemv_int8(bflat, sflat, experts, xqe.reshape(-1), xqo.reshape(-1), xsl.reshape(-1), corr.reshape(-1),
-                       x.shape[0] > 1, out, b, has_bias, n_rows,
+                       xsb.reshape(-1), x.shape[0] > 1, out, b, has_bias, n_rows,
                        n_blocks, chunk, INT8_CONST, variant == "avx512-vnni")
             return out
         variant = None                   # int8 not available here: exact on the best variant

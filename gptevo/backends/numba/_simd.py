@@ -394,6 +394,22 @@ def pshufb(typingctx, table, idx):
     return sig, codegen
 
 
+def _lane_pick(offset):
+    @intrinsic
+    def pick(typingctx, a, b):
+        sig = i32x16(i32x16, i32x16)
+
+        def codegen(context, builder, sig, args):
+            mask = ir.Constant(_V16I, [2 * i + offset for i in range(16)])
+            return builder.shuffle_vector(args[0], args[1], mask)
+        return sig, codegen
+    return pick
+
+
+even_lanes = _lane_pick(0)   # (a, b) -> lanes 0, 2, .., 14 of a, then 0, 2, .., 14 of b
+odd_lanes = _lane_pick(1)    # (a, b) -> lanes 1, 3, .., 15 of a, then of b
+
+
 @intrinsic
 def permb(typingctx, table, idx):
     """vpermb: byte i = table[idx[i] & 63] (AVX-512 VBMI). With a 16-entry table repeated four times
