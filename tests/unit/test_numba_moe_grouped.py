@@ -117,12 +117,17 @@ def _region_case(rng, sizes, n_experts=8, d=160, i=128):
 
 
 @pytest.mark.parametrize("sizes", [(1, 2, 3, 4, 8, 1), (5, 1, 1, 3), (2, 2, 2, 2, 2, 2)])
-def test_one_region_per_half_equals_the_reference(sizes):
+@pytest.mark.parametrize("min_rows", [None, 4])
+def test_one_region_per_half_equals_the_reference(sizes, min_rows, monkeypatch):
     """``_moe_region`` (AVX-512 hosts): groups of 1-3 rows streamed, 4+ tiled, a bias on gate_up only,
-    items taken from a shared counter; every pair equals the reference."""
-    from gptevo.backends.numba import _simd
+    items taken from a shared counter (whole experts at these sizes, or 4-row pieces of them);
+    every pair equals the reference."""
+    from gptevo.backends.numba import _moe_region, _simd
     if not _simd.has_avx512():
         pytest.skip("_moe_region runs on AVX-512 hosts only")
+    if min_rows is not None:
+        monkeypatch.setattr(_moe_region, "MIN_ROWS_PER_ITEM", min_rows)
+        assert _moe_region._item_rows(160, 6, 2) < 160          # several items per expert here
     kw = _region_case(np.random.default_rng(len(sizes)), sizes)
     got = backends.get("numba").moe_experts(**kw)
     want = reference_moe(**kw)
