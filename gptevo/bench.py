@@ -197,9 +197,11 @@ def weight_bytes_per_token(model) -> int:
 
 
 def weight_dtypes(model) -> str:
-    """The stored dtypes of the weights, e.g. "float32" or "bfloat16 + mxfp4"."""
+    """The stored dtypes of the weights, e.g. "float32" or "bfloat16 + mxfp4" (biases left out: a
+    backend may widen them at load, as numba does with 16-bit expert biases)."""
     names = set()
-    arrays = [model.weights.embed, model.weights.lm_head] + [a for L in model.weights.layers for a in vars(L).values()]
+    arrays = [model.weights.embed, model.weights.lm_head] + [a for L in model.weights.layers
+                                                             for n, a in vars(L).items() if "bias" not in n]
     for a in arrays:
         if a is not None:
             names.add(str(getattr(a, "dtype", type(a).__name__)))

@@ -269,3 +269,19 @@ def test_llama_bench_killed_by_a_signal(tmp_path):
     script.chmod(0o755)
     r = bench_llama.run_llama_bench(str(script), "x.gguf", n_prompt=0, n_gen=4, threads=1)
     assert r["error"] == "killed by SIGSEGV" and "-o" in r["command"]
+
+
+def test_numba_widens_16_bit_expert_biases_once_and_reports_stored_dtypes(models):
+    """numba's load hook stores bf16 expert biases as float32 (the same values; moe_experts widened
+    them in every call), and ``weight_dtypes`` still names the stored dtypes."""
+    from gptevo import backends
+    if "numba" not in backends.available():
+        pytest.skip("numba is not installed")
+    ref = gptevo.load(models["gpt-oss-20b"], backend="reference")
+    m = gptevo.load(models["gpt-oss-20b"], backend="numba")
+    for got, stored in zip(m.weights.layers, ref.weights.layers):
+        for name in ("experts_gate_up_bias", "experts_down_bias"):
+            assert getattr(stored, name).dtype.name == "bfloat16"
+            assert getattr(got, name).dtype == np.float32
+            np.testing.assert_array_equal(getattr(got, name), getattr(stored, name).astype(np.float32))
+    assert bench.weight_dtypes(m) == bench.weight_dtypes(ref) == "bfloat16 + mxfp4"

@@ -58,15 +58,23 @@ except Exception as exc:  # numba missing or broken: the registry reports probe(
 
 def prepare_weights(weights, config, mode="stored"):
     """Load-time preparation for this backend: q|k|v and gate|up fused into one matrix each (one
-    streaming call instead of three), MXFP4 experts and the int8 dense weights marked for the
-    int8-activation decode kernels when ``mode == "int8"`` (the opt-in 8-bit mode), and the memory-mapped
-    weights copied into private memory (huge pages: no page faults and fewer TLB misses per decoded token; the mapped
-    ranges are dropped as they are copied, see gptevo.prepare.make_private)."""
+    streaming call instead of three), 16-bit expert biases widened to float32 (exact), MXFP4
+    experts and the int8 dense weights marked for the int8-activation decode kernels when
+    ``mode == "int8"`` (the opt-in 8-bit mode), and the memory-mapped weights copied into private
+    memory (huge pages: no page faults and fewer TLB misses per decoded token; the mapped ranges are
+    dropped as they are copied, see gptevo.prepare.make_private)."""
     from dataclasses import fields
 
     from gptevo.prepare import fuse_projections, make_private
 
+    import numpy as np
+
     fuse_projections(weights)
+    for layer in weights.layers:        # 16-bit expert biases widened once (exactly), not in every moe_experts call
+        for name in ("experts_gate_up_bias", "experts_down_bias"):
+            b = getattr(layer, name, None)
+            if isinstance(b, np.ndarray) and b.dtype.name in ("bfloat16", "float16"):
+                setattr(layer, name, np.ascontiguousarray(b, np.float32))
     if mode == "int8":
         from gptevo.backends.numba._gemv_q8 import mark
         from gptevo.backends.numba._mxfp4_gemv import prepare

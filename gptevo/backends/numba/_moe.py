@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import prange
 
-from gptevo.backends.numba._common import as_compute, chunk_rows, compute_dtype, jit, run_parallel
+from gptevo.backends.numba._common import as_compute, chunk_rows, compute_dtype, jit, pjit, run_parallel
 from gptevo.backends.numba._elementwise import clamped_swiglu1, silu1
 from gptevo.backends.numba._linear import grouped_gemm
 from gptevo.backends.numba._weights import is_mxfp4, operand
@@ -97,11 +98,12 @@ def moe_combine(expert_out, weights):
     return out
 
 
-@jit
+@pjit
 def _expert_activation(h, clamped, alpha, limit, out):
-    """h [P,2I] -> out [P,I]: swiglu (gate = first I columns, up = last I) or gpt-oss clamped_swiglu."""
+    """h [P,2I] -> out [P,I]: swiglu (gate = first I columns, up = last I) or gpt-oss clamped_swiglu;
+    rows over the threads (a batch of 8 gpt-oss tokens: 32 rows of 2880, 0.25 ms on one thread)."""
     n_i = out.shape[1]
-    for p in range(h.shape[0]):
+    for p in prange(h.shape[0]):
         for i in range(n_i):
             if clamped:
                 out[p, i] = clamped_swiglu1(float(h[p, 2 * i]), float(h[p, 2 * i + 1]), alpha, limit)
