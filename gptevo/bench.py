@@ -24,7 +24,11 @@ One run measures, in this order:
 6. roofline fraction = bytes/token x tok/s / bandwidth;
 7. with ``--llama-bench PATH --gguf FILE``: ``PATH -m FILE -p 0 -n N -t T -r R -o json`` and
    ``-p P -n 0``, plus ``--llama-args`` (see gptevo.bench_llama), the bytes per token of the GGUF, and
-   llama-bench's peak RSS (``RUSAGE_CHILDREN``); both engines side by side in one table.
+   llama-bench's peak RSS (``RUSAGE_CHILDREN``); both engines side by side in one table;
+7b. with ``--interleave`` as well: step 1 runs in pairs instead, one repetition of ours then
+   ``llama-bench -r 1``, ``--repeats`` times, and the table adds each pair's ratio (median and
+   range): the machine's bandwidth drifts, and pairs a few seconds apart compare like with like
+   (:func:`paired_decode`; the model stays loaded, so the GGUF must fit in the available memory).
 
 ``--threads N`` sets NUMBA_NUM_THREADS / OMP / OpenBLAS / MKL thread counts in the environment before
 the backend is imported, ``numba.set_num_threads(N)`` after, and OpenBLAS's thread count through its C
@@ -307,7 +311,8 @@ def parse_sizes(text, flag: str) -> list[int]:
 # -- the run ---------------------------------------------------------------------------------------
 def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, prompt_tokens=512, warmup=3,
         bandwidth_mib=1024, llama_bench=None, gguf=None, llama_repeats=None, llama_args=(), env=None,
-        log=None, prefill_sizes=(128, 512, 2048), batch_sizes=(1, 4, 16), batch_steps=16, repeats=3) -> dict:
+        log=None, prefill_sizes=(128, 512, 2048), batch_sizes=(1, 4, 16), batch_steps=16, repeats=3,
+        interleave=False) -> dict:
     """Measure everything (see the module doc); returns the result dict that ``--json`` prints."""
     import gptevo
     from gptevo import bench_llama
@@ -316,6 +321,8 @@ def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, promp
         raise RequestError("--llama-bench PATH and --gguf FILE go together")
     if llama_bench is not None:
         bench_llama.check_paths(llama_bench, gguf)
+    if interleave and llama_bench is None:
+        raise RequestError("--interleave needs --llama-bench PATH and --gguf FILE")
     if tokens < 1 or prompt_tokens < 0 or warmup < 0:
         raise RequestError(f"--tokens must be >= 1 and --prompt-tokens, --warmup >= 0 "
                            f"(got {tokens}, {prompt_tokens}, {warmup})")
@@ -338,8 +345,14 @@ def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, promp
     if warmup + tokens > ctx:
         raise RequestError(f"--warmup + --tokens = {warmup + tokens} exceeds the model's context of {ctx}")
     prompt_tokens = min(prompt_tokens, ctx)
-    log(f"decode: {repeats} x ({warmup} warm-up + {tokens} tokens) ...")
-    dec = measure_decode(model, tokens, warmup, repeats=repeats)
+    paired = None
+    if interleave:
+        _check_room_for_both(gguf)
+        dec, paired = paired_decode(model, llama_bench, gguf, tokens, warmup, repeats, n_threads,
+                                    tuple(llama_args), log)
+    else:
+        log(f"decode: {repeats} x ({warmup} warm-up + {tokens} tokens) ...")
+        dec = measure_decode(model, tokens, warmup, repeats=repeats)
     log(f"prefill: {repeats} x {prompt_tokens} tokens ...")
     pre = measure_prefill(model, prompt_tokens, repeats=repeats)
     rss = peak_rss()
@@ -369,22 +382,74 @@ def run(path: str, *, backend=None, weights=None, threads=None, tokens=64, promp
         "peak_rss_bytes": rss,
         "weight_bytes_per_token": bpt, "bandwidth_bytes_s": bw,
         "bandwidth_probe": f"NumPy dot, {bandwidth_mib} MiB, {n_threads} threads, best of 3",
-        "roofline_fraction": bpt * dec["tok_s"] / bw, "llama": None,
+        "roofline_fraction": bpt * dec["tok_s"] / bw, "llama": None, "paired_decode": paired,
     }
     del model                                   # unmap the weights before llama-bench maps its own
     gc.collect()
     if llama_bench is not None:
         result["llama"] = run_llama(llama_bench, gguf, tokens, prompt_tokens, n_threads,
-                                    repeats if llama_repeats is None else llama_repeats, bw, log, tuple(llama_args))
+                                    repeats if llama_repeats is None else llama_repeats, bw, log, tuple(llama_args),
+                                    decode=paired["llama"] if paired else None)
     return result
 
 
-def run_llama(binary, gguf, tokens, prompt_tokens, threads, repeats, bw, log, extra=()) -> dict:
+def _check_room_for_both(gguf: str) -> None:
+    """RequestError unless the GGUF file fits in the memory now available (``--interleave`` keeps our
+    model loaded while llama-bench maps its own copy; without room both would page from disk)."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return                                          # not Linux: nothing to check against
+    need = os.path.getsize(gguf)
+    if need > 0.9 * avail:
+        raise RequestError(f"--interleave keeps this model loaded while llama-bench maps {gguf} "
+                           f"({need / 1e9:.1f} GB), but only {avail / 1e9:.1f} GB of memory is available; "
+                           f"run without --interleave (one side after the other)")
+
+
+def paired_decode(model, binary, gguf, tokens, warmup, repeats, threads, extra, log) -> tuple[dict, dict]:
+    """Decode measured in pairs: ours (one repetition), then ``llama-bench -r 1``, ``repeats`` times.
+
+    The machine's memory bandwidth drifts from minute to minute, which moves both engines (a
+    memory-bound decode follows it); measured one after the other, a drift between the two
+    halves shows up as a difference between engines. Each pair's ratio compares like with like.
+    Returns (our decode summary, ``{"llama": llama's summary, "ratios": [ours / theirs per pair],
+    "median_ratio"}``); a failing llama-bench ends the pairs with its error as llama's result."""
     from gptevo import bench_llama
 
-    log(f"llama-bench: decode {tokens} tokens ...")
-    dec = bench_llama.summarize(bench_llama.run_llama_bench(binary, gguf, n_prompt=0, n_gen=tokens,
-                                                            threads=threads, repeats=repeats, extra=extra))
+    ours, theirs, first, meta = [], [], None, None
+    for i in range(repeats):
+        log(f"pair {i + 1}/{repeats}: decode {warmup} warm-up + {tokens} tokens, then llama-bench ...")
+        d = measure_decode(model, tokens, warmup, seed=i)
+        first = first or d
+        ours.append(d["tok_s"])
+        s = bench_llama.summarize(bench_llama.run_llama_bench(binary, gguf, n_prompt=0, n_gen=tokens,
+                                                              threads=threads, repeats=1, extra=extra))
+        if "error" in s:
+            meta = s
+            break
+        meta = s
+        theirs.append(s["tok_s"])
+    dec = _summary(ours, tokens=tokens, seconds=sum(tokens / r for r in ours), warmup_s=first["warmup_s"],
+                   repeats=len(ours))
+    if "error" in meta:
+        return dec, {"llama": meta, "ratios": [], "median_ratio": None}
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    llama = {**meta, **_summary(theirs)}
+    return dec, {"llama": llama, "ratios": ratios, "median_ratio": float(np.median(ratios))}
+
+
+def run_llama(binary, gguf, tokens, prompt_tokens, threads, repeats, bw, log, extra=(), decode=None) -> dict:
+    """llama-bench's decode (unless ``decode`` was measured already, in pairs) and prefill, its peak
+    RSS, and the GGUF's bytes per token."""
+    from gptevo import bench_llama
+
+    dec = decode
+    if dec is None:
+        log(f"llama-bench: decode {tokens} tokens ...")
+        dec = bench_llama.summarize(bench_llama.run_llama_bench(binary, gguf, n_prompt=0, n_gen=tokens,
+                                                                threads=threads, repeats=repeats, extra=extra))
     pre = None
     if prompt_tokens > 0:
         log(f"llama-bench: prefill {prompt_tokens} tokens ...")
@@ -445,6 +510,11 @@ def format_table(r: dict) -> str:
                  _gb(L.get("bytes_per_token")), "-" if lrf is None else f"{100 * lrf:.0f}%"]
         for row, v in zip(rows, extra + ["-"] * (len(rows) - len(extra))):
             row.append(v)
+    pr = r.get("paired_decode")
+    if pr and pr.get("ratios"):
+        rt = pr["ratios"]
+        rows.append([f"decode, ours / llama.cpp in {len(rt)} pairs", f"median {pr['median_ratio']:.2f} "
+                     f"(range {min(rt):.2f}-{max(rt):.2f})"] + (["-"] if L else []))
     widths = [max(len(x[i]) for x in rows + [head]) for i in range(len(head))]
     for row in [head] + rows:
         lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -485,6 +555,10 @@ def add_subparser(sub, env) -> None:
     b.add_argument("--gguf", default=None, metavar="FILE", help="the same model as GGUF, for --llama-bench")
     b.add_argument("--llama-args", default="", metavar="ARGS",
                    help="extra llama-bench arguments for both runs, e.g. '--repack 0'")
+    b.add_argument("--interleave", action="store_true",
+                   help="with --llama-bench: measure decode in pairs, ours then llama-bench -r 1, --repeats "
+                        "times, and report each pair's ratio (the model stays loaded meanwhile: both must fit "
+                        "in memory)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
 
@@ -501,6 +575,7 @@ def cmd_bench(args, env, stdin, out, err) -> int:
             tokens=args.tokens, prompt_tokens=args.prompt_tokens, warmup=args.warmup,
             bandwidth_mib=args.bandwidth_mib, llama_bench=args.llama_bench, gguf=args.gguf,
             llama_args=shlex.split(args.llama_args), env=env, log=log, prefill_sizes=args.prefill_sizes,
-            batch_sizes=args.batch_sizes, batch_steps=args.batch_steps, repeats=args.repeats)
+            batch_sizes=args.batch_sizes, batch_steps=args.batch_steps, repeats=args.repeats,
+            interleave=args.interleave)
     out.write(json.dumps(r, indent=2) + "\n" if args.json else format_table(r))
     return 0

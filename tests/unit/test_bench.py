@@ -285,3 +285,43 @@ def test_numba_widens_16_bit_expert_biases_once_and_reports_stored_dtypes(models
             assert getattr(got, name).dtype == np.float32
             np.testing.assert_array_equal(getattr(got, name), getattr(stored, name).astype(np.float32))
     assert bench.weight_dtypes(m) == bench.weight_dtypes(ref) == "bfloat16 + mxfp4"
+
+
+FAKE_PAIRS = r'''#!{python}
+import json, sys
+a = sys.argv
+p, n, r = int(a[a.index("-p") + 1]), int(a[a.index("-n") + 1]), int(a[a.index("-r") + 1])
+with open({log!r}, "a") as f:
+    f.write(f"{{p}} {{n}} {{r}}\n")
+    f.flush()
+calls = sum(1 for _ in open({log!r}))
+print(json.dumps([{{"build_commit": "abc1234", "model_size": 1, "n_prompt": p, "n_gen": n,
+                   "avg_ts": 100.0 * calls if n else 2500.0, "stddev_ts": 0.0}}]))
+'''
+
+
+def test_interleaved_decode_pairs_ours_with_llama_bench(models, tmp_path):
+    """``--interleave``: decode in pairs (ours, then llama-bench -r 1), each pair's ratio reported;
+    llama's prefill still one -r R run; --interleave alone is refused."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "llama-bench-pairs"
+    fake.write_text(FAKE_PAIRS.format(python=sys.executable, log=str(log)))
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    gguf = write_gguf(tmp_path / "tiny.gguf", [("general.architecture", 8, "gpt2")],
+                      [("token_embd.weight", (64, 257), 64 * 257 * 4)])
+    args = ["bench", str(models["gpt2-124m"]), *FAST, "--repeats", "3", "--llama-bench", str(fake),
+            "--gguf", str(gguf), "--interleave"]
+    rc, out, err = run(args + ["--json"])
+    assert rc == 0, err
+    r = json.loads(out)
+    assert log.read_text().split("\n")[:4] == ["0 3 1", "0 3 1", "0 3 1", "8 0 3"]
+    pr, ours = r["paired_decode"], r["decode"]["samples"]
+    assert r["llama"]["decode"]["samples"] == [100.0, 200.0, 300.0] and r["llama"]["decode"]["tok_s"] == 200.0
+    assert pr["ratios"] == pytest.approx([o / t for o, t in zip(ours, [100.0, 200.0, 300.0])])
+    assert pr["median_ratio"] == pytest.approx(float(np.median(pr["ratios"])))
+    assert r["llama"]["prefill"]["tok_s"] == 2500.0
+    rc, out, err = run(args)
+    assert rc == 0, err
+    assert "decode, ours / llama.cpp in 3 pairs" in out and "median" in out
+    rc, out, err = run(["bench", str(models["gpt2-124m"]), *FAST, "--interleave"])
+    assert rc == 2 and "--interleave needs --llama-bench" in err
