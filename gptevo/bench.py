@@ -455,8 +455,10 @@ def run_llama(binary, gguf, tokens, prompt_tokens, threads, repeats, bw, log, ex
         log(f"llama-bench: prefill {prompt_tokens} tokens ...")
         pre = bench_llama.summarize(bench_llama.run_llama_bench(binary, gguf, n_prompt=prompt_tokens, n_gen=0,
                                                                 threads=threads, repeats=repeats, extra=extra))
+    # A child's peak RSS starts at its parent's RSS when forked: with paired decode our model was
+    # loaded at those forks, so llama-bench's own peak cannot be told apart (reported as unknown).
     out = {"binary": binary, "gguf": gguf, "args": list(extra), "decode": dec, "prefill": pre,
-           "peak_rss_bytes": peak_rss(resource.RUSAGE_CHILDREN)}
+           "peak_rss_bytes": None if decode is not None else peak_rss(resource.RUSAGE_CHILDREN)}
     try:
         out.update(bench_llama.gguf_bytes_per_token(gguf))
     except Exception as exc:                       # a header we cannot read only loses the roofline

@@ -320,6 +320,7 @@ def test_interleaved_decode_pairs_ours_with_llama_bench(models, tmp_path):
     assert pr["ratios"] == pytest.approx([o / t for o, t in zip(ours, [100.0, 200.0, 300.0])])
     assert pr["median_ratio"] == pytest.approx(float(np.median(pr["ratios"])))
     assert r["llama"]["prefill"]["tok_s"] == 2500.0
+    assert r["llama"]["peak_rss_bytes"] is None      # the forks inherited our loaded model's RSS
     rc, out, err = run(args)
     assert rc == 0, err
     assert "decode, ours / llama.cpp in 3 pairs" in out and "median" in out
