@@ -377,3 +377,27 @@ def test_fused_decode_switch_reads_the_usual_spellings_and_refuses_others(monkey
     model = Model(config, _gpt2_weights(config, dtype, seed=1), backend="numba")
     model.forward([1], model.new_cache(4))
     assert model._fused_step is False
+
+
+def test_a_copied_cache_gets_its_own_addresses(ops_only):
+    """The step keeps each cache's address table on the cache; a deepcopy taken mid-generation must
+    not reuse the original's (it would write into the original's buffers): both continue as the ops."""
+    import copy
+    config, dtype, bias = CASES["gpt2_f32"]
+    weights = _gpt2_weights(config, dtype, seed=5, bias=bias)
+    fused, ops = Model(config, weights, backend="numba"), ops_only(config, weights)
+    cache, want_cache = fused.new_cache(16), ops.new_cache(16)
+    fused.forward(PROMPT, cache)
+    ops.forward(PROMPT, want_cache)
+    for t in STEPS[:2]:
+        fused.forward([t], cache)
+        ops.forward([t], want_cache)
+    twin, want_twin = copy.deepcopy(cache), copy.deepcopy(want_cache)
+    for t in STEPS[2:]:
+        got_twin, got = fused.forward([t + 1], twin), fused.forward([t], cache)
+        assert _rel(got_twin, ops.forward([t + 1], want_twin)) <= 1e-5
+        assert _rel(got, ops.forward([t], want_cache)) <= 1e-5
+    assert not fused._fused_step.disabled
+    for a, b in ((cache, want_cache), (twin, want_twin)):
+        n = a.length
+        assert n == b.length and all(_rel(x[:n], y[:n]) <= 1e-5 for x, y in zip(a.keys, b.keys))
