@@ -97,7 +97,11 @@ def _concat_bias(biases, rows):
     present = [np.asarray(b) for b in biases if b is not None]
     if not present:
         return None, list(biases)
-    dtype = present[0].dtype if len({b.dtype for b in present}) == 1 else np.result_type(np.float32, *present)
+    dtypes = {b.dtype for b in present}
+    if len(dtypes) == 1:
+        dtype = present[0].dtype
+    else:       # mixed: float32, or float64 if a part has it (not np.result_type: bf16 + f16 has no
+        dtype = np.dtype(np.float64 if np.dtype(np.float64) in dtypes else np.float32)   # promotion in ml_dtypes 0.6)
     fused = np.concatenate([np.zeros(n, dtype) if b is None else np.asarray(b).astype(dtype, copy=False)
                             for b, n in zip(biases, rows)])                          # [sum N]
     views, r = [], 0
