@@ -13,6 +13,7 @@ import json
 import os
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -203,6 +204,10 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:                                              # the child
             os.chdir(REPO)
+            # A terminal starts programs with SIGINT at its default; a test run started in the
+            # background by a non-interactive shell inherits it ignored, and Python then keeps it
+            # ignored (Ctrl-C would do nothing and these tests would fail for that reason alone).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, [sys.executable, "-m", "gptevo", "chat", *argv], env)
         self.buf = b""
 
