@@ -18,7 +18,7 @@ from gptevo.backends.numba._atomics import SYNC_SIZE, VERDICT, barrier, rendezvo
 from gptevo.backends.numba._elementwise import _gelu_flat, _layer_norm_rows
 from gptevo.backends.numba._fused_decode import FusedDecode, f32_vector, kv_addresses, weight_kind
 from gptevo.backends.numba._fused_rows import attend_heads, permute_blocks, rows_bf16, rows_f32, split_even_odd
-from gptevo.backends.numba._gemm_tiles import tile_rows_bf16, tile_rows_f32
+from gptevo.backends.numba._gemm_tiles import tile_rows_bf16, tile_rows_f32   # compiled into this file's kernels
 from gptevo.backends.numba._simd import pointer_like
 
 _OPTS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
