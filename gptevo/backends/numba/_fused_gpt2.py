@@ -205,9 +205,7 @@ def _make_rows(is_bf16: bool):
                 barrier(sync, n_threads, gen)
                 w = numba.carray(pointer_like(waddr[layer, 1], lm_head), (d_model, n_q))
                 lo, hi = _tile_share(is_bf16, w, o, op, bo[layer], has_bias, t, n_threads, tmp)
-                for b in range(n_b):
-                    for r in range(lo, hi):
-                        xb[b, r] += tmp[b, r]
+                _add_columns(xb, tmp, lo, hi)
                 gen += 1
                 barrier(sync, n_threads, gen)
                 _layer_norm_rows(xb, ln2[layer, 0], ln2[layer, 1], True, eps, h)
@@ -219,9 +217,7 @@ def _make_rows(is_bf16: bool):
                 barrier(sync, n_threads, gen)
                 w = numba.carray(pointer_like(waddr[layer, 3], lm_head), (d_model, n_inner))
                 lo, hi = _tile_share(is_bf16, w, f, fp, bproj[layer], has_bias, t, n_threads, tmp)
-                for b in range(n_b):
-                    for r in range(lo, hi):
-                        xb[b, r] += tmp[b, r]
+                _add_columns(xb, tmp, lo, hi)
                 gen += 1
                 barrier(sync, n_threads, gen)
             _layer_norm_rows(xb, lnf[0], lnf[1], True, eps, h)
@@ -244,6 +240,14 @@ def _tile_share(is_bf16, w, x, xp, bias, has_bias, t, n_threads, out):
     else:
         tile_rows_f32(w, x, bias, has_bias, lo, hi, out)
     return lo, hi
+
+
+@numba.njit(**_OPTS)
+def _add_columns(xb, tmp, lo, hi):
+    """The residual add of one thread's share: xb[b, lo:hi] += tmp[b, lo:hi] for every row b."""
+    for b in range(xb.shape[0]):
+        for r in range(lo, hi):
+            xb[b, r] += tmp[b, r]
 
 
 @numba.njit(**_OPTS)

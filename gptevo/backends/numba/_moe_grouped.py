@@ -20,7 +20,7 @@ from numba import prange
 from gptevo.backends.numba import _moe_region, _simd
 from gptevo.backends.numba._gemv import fast_jit, fast_pjit
 
-TILE_MIN_ROWS = 4        # pairs per expert from which decoding each weight row once for all pairs pays
+TILE_MIN_ROWS = _moe_region.TILE_MIN_ROWS   # pairs per expert from which decoding each weight row once pays
 
 
 @fast_jit

@@ -102,7 +102,8 @@ def grouped_half(weight, experts, starts, x, bias, out, mode="exact"):
     n_blocks = scales.shape[2]
     has_bias = bias is not None
     b = bias if has_bias else np.zeros((1, 1), np.float32)
-    int8 = mode == "int8" and n_blocks >= 4 and default_variant("int8") in ("avx512-vnni", "avx512-bw")
+    variant = default_variant("int8")
+    int8 = mode == "int8" and n_blocks >= 4 and variant in ("avx512-vnni", "avx512-bw")
     if int8:
         n_groups = (n_blocks + 3) // 4
         p = x.shape[0]
@@ -122,6 +123,6 @@ def grouped_half(weight, experts, starts, x, bias, out, mode="exact"):
     work = np.zeros(1, np.int64)
     n_threads = numba.get_num_threads()
     rows = _item_rows(scales.shape[1], len(experts), n_threads)
-    _half(blocks, scales, experts, starts, xp, xqe, xqo, xsl, corr, xsb, int8, default_variant("int8") == "avx512-vnni",
+    _half(blocks, scales, experts, starts, xp, xqe, xqo, xsl, corr, xsb, int8, variant == "avx512-vnni",
           out, b, has_bias, VALUES_F32, POWERS_F32, INT8_CONST, rows, work, n_threads)
     return out

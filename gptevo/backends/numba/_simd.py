@@ -380,18 +380,21 @@ def permps(typingctx, table, idx):
     return sig, codegen
 
 
+def _byte_table_codegen(llvm_name):
+    """Codegen of a 64-byte table lookup ``llvm_name(table, idx)`` on two i32x16 seen as bytes."""
+    def codegen(context, builder, sig, args):
+        fn = _intrinsic_fn(builder, llvm_name, _V64B, [_V64B, _V64B])
+        t = builder.bitcast(args[0], _V64B)
+        i = builder.bitcast(args[1], _V64B)
+        return builder.bitcast(builder.call(fn, [t, i]), _V16I)
+    return codegen
+
+
 @intrinsic
 def pshufb(typingctx, table, idx):
     """vpshufb on 64 bytes: byte i = table[16*(i//16) + (idx[i] & 15)], or 0 where idx[i] >= 128
     (AVX-512BW; the table is repeated in each 128-bit lane)."""
-    sig = i32x16(i32x16, i32x16)
-
-    def codegen(context, builder, sig, args):
-        fn = _intrinsic_fn(builder, "llvm.x86.avx512.pshuf.b.512", _V64B, [_V64B, _V64B])
-        t = builder.bitcast(args[0], _V64B)
-        i = builder.bitcast(args[1], _V64B)
-        return builder.bitcast(builder.call(fn, [t, i]), _V16I)
-    return sig, codegen
+    return i32x16(i32x16, i32x16), _byte_table_codegen("llvm.x86.avx512.pshuf.b.512")
 
 
 def _lane_pick(offset):
@@ -414,14 +417,7 @@ odd_lanes = _lane_pick(1)    # (a, b) -> lanes 1, 3, .., 15 of a, then of b
 def permb(typingctx, table, idx):
     """vpermb: byte i = table[idx[i] & 63] (AVX-512 VBMI). With a 16-entry table repeated four times
     the lookup reads only the low 4 bits of each index byte, so nibbles need no mask."""
-    sig = i32x16(i32x16, i32x16)
-
-    def codegen(context, builder, sig, args):
-        fn = _intrinsic_fn(builder, "llvm.x86.avx512.permvar.qi.512", _V64B, [_V64B, _V64B])
-        t = builder.bitcast(args[0], _V64B)
-        i = builder.bitcast(args[1], _V64B)
-        return builder.bitcast(builder.call(fn, [t, i]), _V16I)
-    return sig, codegen
+    return i32x16(i32x16, i32x16), _byte_table_codegen("llvm.x86.avx512.permvar.qi.512")
 
 
 @intrinsic
