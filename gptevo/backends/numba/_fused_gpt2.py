@@ -17,8 +17,8 @@ from numba import prange
 from gptevo.backends.numba._atomics import SYNC_SIZE, VERDICT, barrier, rendezvous
 from gptevo.backends.numba._elementwise import _gelu_flat, _layer_norm_rows
 from gptevo.backends.numba._fused_decode import FusedDecode, f32_vector, kv_addresses, weight_kind
-from gptevo.backends.numba._fused_rows import attend_heads, permute_blocks, rows_bf16, rows_f32, split_even_odd
-from gptevo.backends.numba._gemm_tiles import tile_rows_bf16, tile_rows_f32   # compiled into this file's kernels
+from gptevo.backends.numba._fused_rows import attend_heads, rows_bf16, rows_f32, split_even_odd
+from gptevo.backends.numba._fused_tiles import add_columns, tile_share
 from gptevo.backends.numba._simd import pointer_like
 
 _OPTS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
@@ -181,7 +181,7 @@ def _make_rows(is_bf16: bool):
             for layer in range(n_layers):
                 _layer_norm_rows(xb, ln1[layer, 0], ln1[layer, 1], True, eps, h)
                 w = numba.carray(pointer_like(waddr[layer, 0], lm_head), (n_qkv, d_model))
-                lo, hi = _tile_share(is_bf16, w, h, hp, bqkv[layer], has_bias, t, n_threads, qkv)
+                lo, hi = tile_share(is_bf16, w, h, hp, bqkv[layer], has_bias, t, n_threads, qkv)
                 for b in range(n_b):                         # k, v rows into each sequence's slot
                     kc = numba.carray(pointer_like(kv_addr[b, layer, 0], xb), slots[b] * n_kvd)
                     vc = numba.carray(pointer_like(kv_addr[b, layer, 1], xb), slots[b] * n_kvd)
@@ -204,58 +204,27 @@ def _make_rows(is_bf16: bool):
                 gen += 1
                 barrier(sync, n_threads, gen)
                 w = numba.carray(pointer_like(waddr[layer, 1], lm_head), (d_model, n_q))
-                lo, hi = _tile_share(is_bf16, w, o, op, bo[layer], has_bias, t, n_threads, tmp)
-                _add_columns(xb, tmp, lo, hi)
+                lo, hi = tile_share(is_bf16, w, o, op, bo[layer], has_bias, t, n_threads, tmp)
+                add_columns(xb, tmp, lo, hi)
                 gen += 1
                 barrier(sync, n_threads, gen)
                 _layer_norm_rows(xb, ln2[layer, 0], ln2[layer, 1], True, eps, h)
                 w = numba.carray(pointer_like(waddr[layer, 2], lm_head), (n_inner, d_model))
-                lo, hi = _tile_share(is_bf16, w, h, hp, bfc[layer], has_bias, t, n_threads, tmp)
+                lo, hi = tile_share(is_bf16, w, h, hp, bfc[layer], has_bias, t, n_threads, tmp)
                 for b in range(n_b):
                     _gelu_flat(tmp[b, lo:hi], tanh_gelu, f[b, lo:hi])
                 gen += 1
                 barrier(sync, n_threads, gen)
                 w = numba.carray(pointer_like(waddr[layer, 3], lm_head), (d_model, n_inner))
-                lo, hi = _tile_share(is_bf16, w, f, fp, bproj[layer], has_bias, t, n_threads, tmp)
-                _add_columns(xb, tmp, lo, hi)
+                lo, hi = tile_share(is_bf16, w, f, fp, bproj[layer], has_bias, t, n_threads, tmp)
+                add_columns(xb, tmp, lo, hi)
                 gen += 1
                 barrier(sync, n_threads, gen)
             _layer_norm_rows(xb, lnf[0], lnf[1], True, eps, h)
-            _tile_share(is_bf16, lm_head, h, hp, bo[0], False, t, n_threads, logits)
+            tile_share(is_bf16, lm_head, h, hp, bo[0], False, t, n_threads, logits)
 
     step_rows.__name__ = step_rows.__qualname__ = f"fused_rows_{'bf16' if is_bf16 else 'f32'}"
     return numba.njit(parallel=True, **_OPTS)(step_rows)
-
-
-@numba.njit(**_OPTS)
-def _tile_share(is_bf16, w, x, xp, bias, has_bias, t, n_threads, out):
-    """Thread t's share of ``out = x @ w.T (+ bias)`` in the register tiles of ``_gemm_tiles``
-    (bfloat16 bits take x permuted into xp); returns the share (lo, hi). The tile functions are
-    named here, not held in a variable: numba caches a kernel only when the jitted functions it
-    calls are globals."""
-    lo, hi = _share(w.shape[0], t, n_threads)
-    if is_bf16:
-        permute_blocks(x, xp)
-        tile_rows_bf16(w, xp, bias, has_bias, lo, hi, out)
-    else:
-        tile_rows_f32(w, x, bias, has_bias, lo, hi, out)
-    return lo, hi
-
-
-@numba.njit(**_OPTS)
-def _add_columns(xb, tmp, lo, hi):
-    """The residual add of one thread's share: xb[b, lo:hi] += tmp[b, lo:hi] for every row b."""
-    for b in range(xb.shape[0]):
-        for r in range(lo, hi):
-            xb[b, r] += tmp[b, r]
-
-
-@numba.njit(**_OPTS)
-def _share(n, t, n_threads):
-    """Thread t's rows of n, split at multiples of four (whole register tiles)."""
-    lo = (n * t // n_threads) // 4 * 4
-    hi = (n * (t + 1) // n_threads) // 4 * 4 if t + 1 < n_threads else n
-    return lo, hi
 
 
 _ROW_KERNELS: dict = {}

@@ -79,14 +79,21 @@ def _half(blocks, scales, experts, starts, xp, xqe, xqo, xsl, corr, xsb, int8, v
                            bias, has_bias)
 
 
-def _item_rows(n_out: int, n_groups: int, n_threads: int) -> int:
-    """Weight rows per work item: about 8 items per thread over all groups, at least
-    MIN_ROWS_PER_ITEM (each item is one contiguous stream: with 32-row items the two threads took
-    alternate 46 KB pieces of each expert and the int8 half of a 20b layer at 8 tokens took 19.5 ms
-    against 16.2 with 256 rows), at most one expert's rows; a multiple of 4 (the tiles)."""
+@kjit
+def item_rows(n_out, n_groups, n_threads, min_rows):
+    """Weight rows per work item: about 8 items per thread over all groups, at least ``min_rows``
+    (each item is one contiguous stream: with 32-row items the two threads took alternate 46 KB
+    pieces of each expert and the int8 half of a 20b layer at 8 tokens took 19.5 ms against 16.2
+    with 256 rows), at most one expert's rows; a multiple of 4 (the tiles). Also called inside the
+    batched fused gpt-oss step, where the group count is known only after routing."""
     rows = -(-n_out * n_groups // (8 * max(1, n_threads)))
-    rows = min(n_out, max(MIN_ROWS_PER_ITEM, rows))
+    rows = min(n_out, max(min_rows, rows))
     return max(4, -(-rows // 4) * 4)
+
+
+def _item_rows(n_out: int, n_groups: int, n_threads: int) -> int:
+    """:func:`item_rows` with this module's MIN_ROWS_PER_ITEM."""
+    return int(item_rows(n_out, n_groups, n_threads, MIN_ROWS_PER_ITEM))
 
 
 def grouped_half(weight, experts, starts, x, bias, out, mode="exact"):

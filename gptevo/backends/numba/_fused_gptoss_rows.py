@@ -1,0 +1,233 @@
+"""The batched fused step of gpt-oss-style models: B sequences, one new token each, in one region.
+
+What ``GptOssStep.rows`` runs (``Model.forward_batch`` and the batch decoder take it for B >= 2),
+for bfloat16 dense weights and exact-mode MXFP4 experts (the default load); other weight modes
+return None and the model runs the ops. It computes what the op path computes for the same rows,
+with the same kernels per piece (``_fused_tiles``: the ``linear`` tiles; ``_moe_tiles``: the grouped
+expert products of ``_moe_region``, with its rule for streaming or tiling a group), so the logits
+equal the op path's up to the summation order of attention (``attend_heads``, as the one-token step).
+
+Per layer, between barriers: (1) every thread normalizes all rows, then its share of the q|k|v
+weight rows times every row; (2) items (sequence, KV group): RoPE of the group's q heads and its k
+head, k and v into the sequence's cache slot (ring slots on sliding layers), attention of the
+group's query heads; (3) the output projection's share, residual; (4) every thread normalizes all
+rows, its share of the router rows; (5) every thread routes every row (top-k, then the pairs
+(row, slot) grouped by expert in (row, slot) order, as ``moe_grouped_mxfp4`` sorts them) and lays out
+its own copy of the normalized rows in pair order; gate_up items (expert group, chunk of weight
+rows) from a shared counter; (6) the clamped SwiGLU of a share of the pairs, written in the
+down projection's input layout; (7) down items from a second counter; (8) per share of the model
+dims, each row's weighted sum of its k expert outputs (slot order) and the residual. Then the final
+norm and the head. Python between layers, one region per op and the per-sequence attention calls
+are gone: at 8 sequences of gpt-oss-20b they were 30-50 ms of a 540 ms step.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from gptevo.backends.numba._atomics import barrier, rendezvous, take_chunk
+from gptevo.backends.numba._elementwise import _rms_norm_rows, clamped_swiglu1
+from gptevo.backends.numba._fused_rows import attend_heads, rope_heads
+from gptevo.backends.numba._fused_tiles import add_columns, tile_share
+from gptevo.backends.numba._moe import _route_kernel
+from gptevo.backends.numba._moe_region import TILE_MIN_ROWS, item_rows
+from gptevo.backends.numba._moe_tiles import stream_rows, tiles_rows
+from gptevo.backends.numba._simd import pointer_like
+
+_OPTS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
+
+
+@numba.njit(**_OPTS)
+def _group_pairs(rid, n_experts, counts, experts, starts, pair_row, pair_of):
+    """The (row, slot) pairs of rid [B,k] grouped by expert, in (row, slot) order within a group:
+    experts[u] the u-th used expert (ascending), starts[u]..starts[u+1] its pairs, pair_row [P] the
+    row of each grouped pair, pair_of [B,k] each pair's grouped index. Returns the group count U."""
+    n_b, k = rid.shape
+    counts[:] = 0
+    for b in range(n_b):
+        for j in range(k):
+            counts[rid[b, j]] += 1
+    n_groups = 0
+    starts[0] = 0
+    for e in range(n_experts):
+        if counts[e] > 0:
+            experts[n_groups] = e
+            starts[n_groups + 1] = starts[n_groups] + counts[e]
+            counts[e] = starts[n_groups]                 # from here: the next free index of expert e
+            n_groups += 1
+    for b in range(n_b):
+        for j in range(k):
+            p = counts[rid[b, j]]
+            counts[rid[b, j]] = p + 1
+            pair_row[p] = b
+            pair_of[b, j] = p
+    return n_groups
+
+
+@numba.njit(**_OPTS)
+def _expert_items(blocks, sflat, n_out, n_blocks, xp, experts, starts, n_groups, rows_per_item, bias, has_bias,
+                  table, powers, buf, work, slot, out):
+    """This thread's items of one MoE half: out[p, n] = decode(W[experts[u], n]) . xp-row p (+ bias)
+    for the pairs p of group u, items (u, chunk of rows_per_item weight rows) from work[slot];
+    groups of fewer than TILE_MIN_ROWS pairs stream, larger ones tile (as ``_moe_region._half``)."""
+    k = 32 * n_blocks
+    n_chunks = (n_out + rows_per_item - 1) // rows_per_item
+    while True:
+        i, _ = take_chunk(work, slot, n_groups * n_chunks, 1)
+        if i >= n_groups * n_chunks:
+            break
+        u = i // n_chunks
+        lo = (i % n_chunks) * rows_per_item
+        hi = min(n_out, lo + rows_per_item)
+        e = experts[u]
+        p0 = starts[u]
+        g = starts[u + 1] - p0
+        if g < TILE_MIN_ROWS:
+            stream_rows(blocks, sflat, e, n_out, n_blocks, xp, p0 * k, g, table, powers, out, p0, lo, hi, bias,
+                        has_bias)
+        else:
+            tiles_rows(blocks, sflat, e, n_out, n_blocks, xp, p0 * k, g, table, powers, out, p0, lo, hi, buf, bias,
+                       has_bias)
+
+
+@numba.njit(**_OPTS)
+def _activate_pairs(hbuf, p_lo, p_hi, alpha, limit, ap):
+    """ap[p] = clamped SwiGLU of hbuf[p] (gate = even, linear = odd columns) for pairs [p_lo, p_hi),
+    laid out as ``_moe_tiles.permute_rows``: per 32-value block its 16 even elements, then the odd."""
+    n_i = ap.shape[1]
+    for p in range(p_lo, p_hi):
+        for b in range(n_i // 32):
+            for i in range(16):
+                for half in range(2):
+                    j = 32 * b + 2 * i + half
+                    ap[p, 32 * b + 16 * half + i] = clamped_swiglu1(float(hbuf[p, 2 * j]), float(hbuf[p, 2 * j + 1]),
+                                                                    alpha, limit)
+
+
+@numba.njit(**_OPTS)
+def _combine_share(xb, y, rw, pair_of, lo, hi):
+    """xb[b, r] += sum_j rw[b, j] * y[pair_of[b, j], r] (slots in order, from zero) for r in [lo, hi)."""
+    for b in range(xb.shape[0]):
+        for r in range(lo, hi):
+            acc = np.float32(0)
+            for j in range(rw.shape[1]):
+                acc += rw[b, j] * y[pair_of[b, j], r]
+            xb[b, r] += acc
+
+
+def _step_rows(xb, pos, waddr, lm_head, u16_like, u8_like, ln1, ln2, lnf, bqkv, bo, rbias, sinks, has_sinks,
+               gu_bias, dn_bias, has_expert_bias, kv_addr, slots, windows, cos, sin, interleaved, eps, offset, scale,
+               n_heads, n_kv, head_dim, top_k, softmax_first, renormalize, alpha, limit, min_item_rows,
+               qkv, o, tmp, z, hbuf, ap, y, logits, table, powers, sync, work, n_threads):
+    """xb [B,D] float32: row b sequence b's token embedding (updated in place); pos [B]; waddr [L,9] as
+    the one-token step (bf16 dense, exact experts); kv_addr [B,L,3] each sequence's cache keys,
+    values and slot positions with slots [B,L]; cos / sin [B,R/2] per row; shared float32 scratch
+    qkv [B,(H+2G)Dh], o [B,H*Dh], tmp [B,D], z [B,E], hbuf [B*k,2I], ap [B*k,I], y [B*k,D];
+    logits [B,V] out; work int64 [2L] zeroed; sync as the one-token step."""
+    n_b, d_model = xb.shape
+    n_layers = waddr.shape[0]
+    n_experts = z.shape[1]
+    group = n_heads // n_kv
+    n_q = n_heads * head_dim
+    n_kvd = n_kv * head_dim
+    n_pairs = hbuf.shape[0]
+    n_exp_rows = hbuf.shape[1]                                   # 2I
+    n_inner = ap.shape[1]                                        # I
+    nb_d = d_model // 32
+    nb_i = n_inner // 32
+    max_pos = 0
+    for b in range(n_b):
+        max_pos = max(max_pos, pos[b])
+    for t in prange(n_threads):
+        if not rendezvous(sync, n_threads):
+            continue
+        gen = 0
+        h = np.empty((n_b, d_model), np.float32)                         # normed rows
+        hp = np.empty((n_b, d_model), np.float32)                        # the tiles' input layout
+        op = np.empty((n_b, n_q), np.float32)
+        xg = np.empty((n_pairs, d_model), np.float32)                    # hp rows in grouped pair order
+        buf = np.empty(4 * 32 * max(nb_d, nb_i), np.float32)             # decoded weight rows (tiles)
+        scores = np.empty(max_pos + 1)                                   # [S] float64
+        rw = np.empty((n_b, top_k), np.float32)
+        rid = np.empty((n_b, top_k), np.int64)
+        counts = np.empty(n_experts, np.int64)
+        experts = np.empty(n_experts, np.int64)
+        starts = np.empty(n_experts + 1, np.int64)
+        pair_row = np.empty(n_pairs, np.int64)
+        pair_of = np.empty((n_b, top_k), np.int64)
+        n_items = n_b * n_kv
+        for layer in range(n_layers):
+            # (1) q|k|v
+            _rms_norm_rows(xb, ln1[layer], eps, offset, h)
+            w = numba.carray(pointer_like(waddr[layer, 0], lm_head), (n_q + 2 * n_kvd, d_model))
+            tile_share(True, w, h, hp, bqkv[layer], True, t, n_threads, qkv)
+            gen += 1
+            barrier(sync, n_threads, gen)
+            # (2) per (sequence, KV group): RoPE, cache slot, attention
+            for item in range(n_items * t // n_threads, n_items * (t + 1) // n_threads):
+                b = item // n_kv
+                g = item % n_kv
+                n_slots = slots[b, layer]
+                kc = numba.carray(pointer_like(kv_addr[b, layer, 0], xb), n_slots * n_kvd)
+                vc = numba.carray(pointer_like(kv_addr[b, layer, 1], xb), n_slots * n_kvd)
+                sp = numba.carray(pointer_like(kv_addr[b, layer, 2], kv_addr), n_slots)
+                slot = pos[b] % n_slots
+                row = qkv[b]
+                rope_heads(row, g * group, (g + 1) * group, head_dim, cos[b], sin[b], interleaved)
+                kview = row[n_q:n_q + n_kvd]
+                rope_heads(kview, g, g + 1, head_dim, cos[b], sin[b], interleaved)
+                for j in range(g * head_dim, (g + 1) * head_dim):
+                    kc[slot * n_kvd + j] = row[n_q + j]
+                    vc[slot * n_kvd + j] = row[n_q + n_kvd + j]
+                attend_heads(row, g * group, (g + 1) * group, kc, vc, sp, slot, pos[b], min(pos[b] + 1, n_slots),
+                             windows[layer], sinks[layer], has_sinks, n_heads, n_kv, head_dim, scale, scores, o[b])
+            gen += 1
+            barrier(sync, n_threads, gen)
+            # (3) output projection, residual
+            w = numba.carray(pointer_like(waddr[layer, 2], lm_head), (d_model, n_q))
+            lo, hi = tile_share(True, w, o, op, bo[layer], True, t, n_threads, tmp)
+            add_columns(xb, tmp, lo, hi)
+            gen += 1
+            barrier(sync, n_threads, gen)
+            # (4) norm, router logits
+            _rms_norm_rows(xb, ln2[layer], eps, offset, h)
+            router = numba.carray(pointer_like(waddr[layer, 4], u16_like), (n_experts, d_model))
+            tile_share(True, router, h, hp, rbias[layer], True, t, n_threads, z)
+            gen += 1
+            barrier(sync, n_threads, gen)
+            # (5) every thread: routes, groups, its input rows in pair order; gate_up items
+            _route_kernel(z, top_k, softmax_first, renormalize, rw, rid)
+            n_groups = _group_pairs(rid, n_experts, counts, experts, starts, pair_row, pair_of)
+            for p in range(n_pairs):
+                xg[p] = hp[pair_row[p]]                      # hp: h in the tiles' (= experts') layout
+            blocks = numba.carray(pointer_like(waddr[layer, 5], u8_like), n_experts * n_exp_rows * nb_d * 16)
+            sc = numba.carray(pointer_like(waddr[layer, 6], u8_like), n_experts * n_exp_rows * nb_d)
+            _expert_items(blocks, sc, n_exp_rows, nb_d, xg.reshape(-1), experts, starts, n_groups,
+                          item_rows(n_exp_rows, n_groups, n_threads, min_item_rows), gu_bias[layer],
+                          has_expert_bias, table, powers, buf, work, 2 * layer, hbuf)
+            gen += 1
+            barrier(sync, n_threads, gen)
+            # (6) activation of this thread's pairs, in the down projection's input layout
+            _activate_pairs(hbuf, n_pairs * t // n_threads, n_pairs * (t + 1) // n_threads, alpha, limit, ap)
+            gen += 1
+            barrier(sync, n_threads, gen)
+            # (7) down items
+            blocks = numba.carray(pointer_like(waddr[layer, 7], u8_like), n_experts * d_model * nb_i * 16)
+            sc = numba.carray(pointer_like(waddr[layer, 8], u8_like), n_experts * d_model * nb_i)
+            _expert_items(blocks, sc, d_model, nb_i, ap.reshape(-1), experts, starts, n_groups,
+                          item_rows(d_model, n_groups, n_threads, min_item_rows), dn_bias[layer],
+                          has_expert_bias, table, powers, buf, work, 2 * layer + 1, y)
+            gen += 1
+            barrier(sync, n_threads, gen)
+            # (8) weighted sum of each row's experts, residual
+            lo = d_model * t // n_threads
+            hi = d_model * (t + 1) // n_threads
+            _combine_share(xb, y, rw, pair_of, lo, hi)
+            gen += 1
+            barrier(sync, n_threads, gen)
+        _rms_norm_rows(xb, lnf, eps, offset, h)
+        tile_share(True, lm_head, h, hp, bo[0], False, t, n_threads, logits)
+
+
+STEP_ROWS = numba.njit(parallel=True, **_OPTS)(_step_rows)
