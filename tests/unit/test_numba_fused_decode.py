@@ -6,6 +6,7 @@ summation-order differences, the same KV cache contents; it must agree with the 
 within the conformance tolerance; and when its threads cannot all run at once it must do nothing and
 let the ops run (the model's logits stay right).
 """
+import copy
 import dataclasses
 
 import ml_dtypes
@@ -155,7 +156,7 @@ def test_threads_that_cannot_meet_fall_back_to_the_ops(monkeypatch, ops_only):
 def test_plan_refuses_other_models(tiny_case):
     for name in ("llama_f32", "qwen3_bf16"):
         config, _, ref_model = tiny_case(name)
-        weights = fuse_projections(ref_model.weights)
+        weights = fuse_projections(copy.deepcopy(ref_model.weights))   # in place: not the session's model
         assert _fused_decode.plan(config, weights) is None, name
     config, dtype, _ = CASES["gpt2_f32"]
     weights = _gpt2_weights(config, dtype, seed=1)

@@ -42,7 +42,7 @@ def _make(dense_q8: bool, moe_int8: bool):
              sync, work, chunks, n_threads):
         """See the module doc. x [D] float32 (updated in place); waddr [L,9] int64, per layer the data
         addresses of wqkv, its Q8 scales, wo, its Q8 scales (dense: lm_head's dtype, bf16 bits or Q8
-        int8 values; scales float32 [N,K/32]), router [E,D] bf16 bits, gate_up blocks, gate_up scales,
+        int8 values; scales float16 bits [N,K/32]), router [E,D] bf16 bits, gate_up blocks, gate_up scales,
         down blocks, down scales (uint8, [E,N,K/32,16] and [E,N,K/32]); kv_addr [L,3] the cache's keys,
         values (float32 [slots,G,Dh]) and slot positions (int64) with slots [L];
         ln1 / ln2 [L,D], lnf [D] float64; biases float32 stacked by layer; sinks [L,H] float64;
@@ -314,10 +314,10 @@ class GptOssStep(FusedDecode):
         L = w.layers
         D, H, G, Dh, E, k = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_experts, c.experts_per_token
         self.dense_q8, self.moe_int8 = dense_q8, moe_int8
-        dummy = np.zeros((1, 1), np.float32)
+        dummy = np.zeros((1, 1), np.uint16)
 
         def dense(m):
-            return (m.values, m.scales) if dense_q8 else (m.view(np.uint16), dummy)
+            return (m.values, m.scales.view(np.uint16)) if dense_q8 else (m.view(np.uint16), dummy)
 
         self.lm_head, self.lm_head_s = dense(w.lm_head)
         rows = []

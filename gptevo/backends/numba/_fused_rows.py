@@ -17,9 +17,9 @@ import math
 import numba
 import numpy as np
 
-from gptevo.backends.numba._simd import (bits_to_f32, dpbusd_x86, f32x16_bcast, f32x16_zero, hsum, i32_to_f32,
-                                         i32x16_bcast, i32x16_zero, iand, isll, ixor, lane_f32, load_f32x16,
-                                         load_i32x16, permps, vadd, vfma, vmul)
+from gptevo.backends.numba._simd import (bits_to_f32, dpbusd_x86, f16_to_f32, f32x16_bcast, f32x16_zero, hsum,
+                                         i32_to_f32, i32x16_bcast, i32x16_zero, iand, isll, ixor, lane_f32,
+                                         load_f16x16_f32, load_f32x16, load_i32x16, permps, vadd, vfma, vmul)
 from gptevo.backends.numba._vmath import exp64
 
 _OPTS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
@@ -84,7 +84,8 @@ def rows_bf16(w, xe, xo, bias, has_bias, lo, hi, out):
 @kjit
 def rows_q8(q, scales, xq, xs, corr, bias, has_bias, lo, hi, out, pick):
     """Rows [lo, hi) of the int8 mode's product (see ``_gemv_q8``): q [N,K] int8, scales [N,K/32]
-    float32, xq/xs/corr from ``_gemv_q8.quantize_row``; K % 64 == 0, K >= 512; pick = ``_gemv_q8.PICK``."""
+    float16 as uint16 bits, xq/xs/corr from ``_gemv_q8.quantize_row``; K % 64 == 0, K >= 512;
+    pick = ``_gemv_q8.PICK``."""
     k = q.shape[1]
     nb = k // 32
     n_sb = nb // 16
@@ -97,7 +98,7 @@ def rows_q8(q, scales, xq, xs, corr, bias, has_bias, lo, hi, out, pick):
         accc = f32x16_zero()
         for sb in range(n_sb):
             b0 = 16 * sb
-            c16 = vmul(load_f32x16(scales, sbase + b0), load_f32x16(xs, b0))     # [16] s * xs
+            c16 = vmul(load_f16x16_f32(scales, sbase + b0), load_f32x16(xs, b0))     # [16] s * xs
             accc = vfma(c16, load_f32x16(corr, b0), accc)
             for p in range(0, 8, 2):
                 o = 32 * (b0 + 2 * p)
@@ -109,13 +110,13 @@ def rows_q8(q, scales, xq, xs, corr, bias, has_bias, lo, hi, out, pick):
         t0 = 16 * n_sb
         if t0 < nb:                                   # the last nb % 16 blocks, in the window nb-16..nb
             w0 = nb - 16
-            c16 = vmul(load_f32x16(scales, sbase + w0), load_f32x16(xs, w0))
+            c16 = vmul(load_f16x16_f32(scales, sbase + w0), load_f32x16(xs, w0))
             for b in range(t0, nb, 2):
                 o = 32 * b
                 d0 = dpbusd_x86(i32x16_zero(), ixor(load_i32x16(q, base + o), flip), load_i32x16(xq, o))
                 acc0 = vfma(i32_to_f32(d0), permps(c16, load_i32x16(pick, 32 * (b - w0))), acc0)
             for b in range(t0, nb):
-                tail += scales[n, b] * xs[b] * corr[b]
+                tail += f16_to_f32(scales[n, b]) * xs[b] * corr[b]
         y = hsum(vadd(acc0, acc1)) - hsum(accc) - tail
         out[n] = y + bias[n] if has_bias else y
 

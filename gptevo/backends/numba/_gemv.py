@@ -9,7 +9,7 @@ fast-math flags of :data:`FASTMATH` so LLVM vectorizes the dot into several SIMD
 - float32 / float64: read as stored;
 - bfloat16 (uint16 bits): shifted into the high half of a uint32 and bit-cast to float32 (exact);
 - float16 (uint16 bits): converted by the CPU's half-to-float instruction (``fpext``, exact);
-- int8 blockwise (``Int8Weight``: int8 values, one float32 scale per 32 values along K): each
+- int8 blockwise (``Int8Weight``: int8 values, one float16 scale per 32 values along K): each
   block's dot is formed in float32 from exactly widened int8 values and multiplied by its scale.
 
 The reduction order is the only difference from the reference (sums of products in float32 with
@@ -122,7 +122,8 @@ def gemv_bf16_avx512(w, xe, xo, bias, out, chunk):
 
 @fast_pjit
 def gemv_int8(q, scales, x, bias, out, chunk):
-    """q [N,K] int8; scales [N,K/32] float32; x [K] float32; out[n] = sum_k q[n,k] * x[k] * s[n,k/32].
+    """q [N,K] int8; scales [N,K/32] float16 as uint16 bits; x [K] float32;
+    out[n] = sum_k q[n,k] * x[k] * s[n,k/32].
 
     Each product is scaled by its block's scale (one vector multiply per value, which LLVM keeps in
     the vectorized loop) instead of scaling per-block partial sums: the same value up to rounding,
@@ -136,7 +137,7 @@ def gemv_int8(q, scales, x, bias, out, chunk):
             s = scales[n]
             acc = np.float32(0)
             for j in range(k):
-                acc += int8_to_float(row[j]) * x[j] * s[j >> 5]      # 32 values per scale
+                acc += int8_to_float(row[j]) * x[j] * half_bits_to_float(s[j >> 5])   # 32 values per scale
             out[n] = acc + bias[n] if has_bias else acc
 
 
@@ -145,7 +146,8 @@ def gemv_int8_avx512(q, scales, x, bias, out, chunk):
     """``gemv_int8`` with explicit AVX-512 vectors: per 32-value block, two 16-lane loads of int8
     sign-extended and converted to float32 (exact), multiplied by x, and the block's partial vector
     scaled into two accumulators. The loop over K as LLVM vectorized it gathered the per-element
-    scale and streamed at under half the bandwidth. q [N,K] int8 (K % 32 == 0); scales [N,K/32]."""
+    scale and streamed at under half the bandwidth. q [N,K] int8 (K % 32 == 0); scales [N,K/32]
+    float16 as uint16 bits."""
     n_rows, k = q.shape
     n_blocks = k // 32
     has_bias = bias.shape[0] == n_rows
@@ -161,13 +163,13 @@ def gemv_int8_avx512(q, scales, x, bias, out, chunk):
                 p0 = vfma(load_i8x16_f32(q, base + 32 * b + 16), load_f32x16(x, 32 * b + 16), p0)
                 p1 = vmul(load_i8x16_f32(q, base + 32 * b + 32), load_f32x16(x, 32 * b + 32))
                 p1 = vfma(load_i8x16_f32(q, base + 32 * b + 48), load_f32x16(x, 32 * b + 48), p1)
-                acc0 = vfma(p0, f32x16_bcast(scales.flat[sbase + b]), acc0)
-                acc1 = vfma(p1, f32x16_bcast(scales.flat[sbase + b + 1]), acc1)
+                acc0 = vfma(p0, f32x16_bcast(half_bits_to_float(scales.flat[sbase + b])), acc0)
+                acc1 = vfma(p1, f32x16_bcast(half_bits_to_float(scales.flat[sbase + b + 1])), acc1)
                 b += 2
             if b < n_blocks:
                 p0 = vmul(load_i8x16_f32(q, base + 32 * b), load_f32x16(x, 32 * b))
                 p0 = vfma(load_i8x16_f32(q, base + 32 * b + 16), load_f32x16(x, 32 * b + 16), p0)
-                acc0 = vfma(p0, f32x16_bcast(scales.flat[sbase + b]), acc0)
+                acc0 = vfma(p0, f32x16_bcast(half_bits_to_float(scales.flat[sbase + b])), acc0)
             y = hsum(vadd(acc0, acc1))
             out[n] = y + bias[n] if has_bias else y
 
@@ -194,7 +196,7 @@ def gemv(x, weight, bias, threads: int):
             return _gemv_q8.gemv_int8_q8(weight, x, _bias(bias, dt), rows_per_chunk(n, threads))
         out = np.empty(n, dt)                                                   # [N]
         kernel = gemv_int8_avx512 if _AVX512 else gemv_int8
-        kernel(values, weight.scales, x, _bias(bias, dt), out, rows_per_chunk(n, threads))
+        kernel(values, weight.scales.view(np.uint16), x, _bias(bias, dt), out, rows_per_chunk(n, threads))
         return out
     if not isinstance(weight, np.ndarray) or weight.ndim != 2 or not weight.flags.c_contiguous:
         return None

@@ -30,8 +30,8 @@ from numba import prange
 
 from gptevo.backends.numba._fused_rows import Q8_FLIP, rows_q8
 from gptevo.backends.numba._simd import (
-    dpbusd_x86, f32x16_zero, has_vnni, hsum, i32_to_f32, i32x16_bcast, i32x16_zero, ixor, load_f32x16,
-    load_i32x16, permps, vadd, vfma, vmul,
+    dpbusd_x86, f16_to_f32, f32x16_zero, has_vnni, hsum, i32_to_f32, i32x16_bcast, i32x16_zero, ixor,
+    load_f16x16_f32, load_f32x16, load_i32x16, permps, vadd, vfma, vmul,
 )
 from gptevo.ops.int8 import Int8Weight
 
@@ -67,7 +67,7 @@ def quantize_row(x, xq, xs, corr):
 
 @numba.njit(parallel=True, **_OPTS)
 def gemv_q8(q, scales, xq, xs, corr, bias, out, chunk, pick):
-    """q [N,K] int8, scales [N,K/32] float32 (C-contiguous); xq/xs/corr from quantize_row;
+    """q [N,K] int8, scales [N,K/32] float16 as uint16 bits (C-contiguous); xq/xs/corr from quantize_row;
     bias [N] or [0]; out [N] float32; pick = PICK. Each chunk of rows is ``_fused_rows.rows_q8``
     (the fused decode step calls the same function on its share, so both give the same bits)."""
     n_rows = q.shape[0]
@@ -100,7 +100,7 @@ def gemv_q8_rows(q, scales, xq, xs, corr, bias, out, chunk, pick):
             f0 = f32x16_zero(); f1 = f32x16_zero(); fc = f32x16_zero()      # noqa: E702
             for sb in range(n_sb):
                 b_0 = 16 * sb
-                s16 = load_f32x16(scales, sbase + b_0)
+                s16 = load_f16x16_f32(scales, sbase + b_0)
                 ca = vmul(s16, load_f32x16(xs, b_0))
                 cb = vmul(s16, load_f32x16(xs, r1 * nb + b_0))
                 ce = vmul(s16, load_f32x16(xs, r2 * nb + b_0))
@@ -136,14 +136,14 @@ def gemv_q8_rows(q, scales, xq, xs, corr, bias, out, chunk, pick):
                 t0 = 16 * n_sb
                 if t0 < nb:                       # as gemv_q8: the last nb % 16 blocks, window nb-16..nb
                     w_0 = nb - 16
-                    c16 = vmul(load_f32x16(scales, sbase + w_0), load_f32x16(xs, r * nb + w_0))
+                    c16 = vmul(load_f16x16_f32(scales, sbase + w_0), load_f32x16(xs, r * nb + w_0))
                     for b in range(t0, nb, 2):
                         o = 32 * b
                         d0 = dpbusd_x86(i32x16_zero(), ixor(load_i32x16(q, base + o), flip),
                                         load_i32x16(xq, r * k + o))
                         acc0 = vfma(i32_to_f32(d0), permps(c16, load_i32x16(pick, 32 * (b - w_0))), acc0)
                     for b in range(t0, nb):
-                        tail += scales[n, b] * xs[r, b] * corr[r, b]
+                        tail += f16_to_f32(scales[n, b]) * xs[r, b] * corr[r, b]
                 y = hsum(vadd(acc0, acc1)) - hsum(accc) - tail
                 out[r, n] = y + bias[n] if has_bias else y
 
@@ -160,7 +160,7 @@ def gemv_int8_q8_rows(weight, x, bias, chunk):
         quantize_row(x[r], xq[r], xs[r], corr[r])
     out = np.empty((m, weight.values.shape[0]), np.float32)   # [M,N]
     for r0 in range(0, m, 4):
-        gemv_q8_rows(weight.values, weight.scales, xq[r0:r0 + 4], xs[r0:r0 + 4], corr[r0:r0 + 4], bias,
+        gemv_q8_rows(weight.values, weight.scales.view(np.uint16), xq[r0:r0 + 4], xs[r0:r0 + 4], corr[r0:r0 + 4], bias,
                      out[r0:r0 + 4], chunk, PICK)
     return out
 
@@ -175,7 +175,7 @@ def gemv_int8_q8(weight, x, bias, chunk):
     corr = np.empty(nb, np.float32)                # [K/32]
     quantize_row(x, xq, xs, corr)
     out = np.empty(weight.values.shape[0], np.float32)   # [N]
-    gemv_q8(weight.values, weight.scales, xq, xs, corr, bias, out, chunk, PICK)
+    gemv_q8(weight.values, weight.scales.view(np.uint16), xq, xs, corr, bias, out, chunk, PICK)
     return out
 
 

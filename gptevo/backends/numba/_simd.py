@@ -83,6 +83,8 @@ _V16F = ir.VectorType(_F32, 16)
 _V16I = ir.VectorType(_I32, 16)
 _V64B = ir.VectorType(_I8, 64)
 _V16B = ir.VectorType(_I8, 16)
+_I16 = ir.IntType(16)
+_V16H = ir.VectorType(ir.HalfType(), 16)
 
 
 @register_model(Vec)
@@ -174,6 +176,31 @@ def load_i8x16_f32(typingctx, arr, byte_offset):
         p = _ptr(context, builder, sig.args[0], args[0], idx, _I8, _V16B)
         v = builder.load(p, align=1, typ=_V16B)
         return builder.sitofp(v, _V16F)
+    return sig, codegen
+
+
+@intrinsic
+def load_f16x16_f32(typingctx, arr, index):
+    """16 IEEE binary16 values (a uint16 array of their bits) from flat index ``index``, widened to
+    float32 (vcvtph2ps; exact): the int8 mode's weight scales."""
+    sig = f32x16(arr, index)
+
+    def codegen(context, builder, sig, args):
+        idx = _index(context, builder, sig.args[1], args[1])
+        p = _ptr(context, builder, sig.args[0], args[0], idx, _I16, _V16H)
+        return builder.fpext(builder.load(p, align=2, typ=_V16H), _V16F)
+    return sig, codegen
+
+
+@intrinsic
+def f16_to_f32(typingctx, bits):
+    """float32 of one IEEE binary16 value given as its uint16 bits (exact)."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth != 16:
+        return None
+    sig = types.float32(bits)
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
     return sig, codegen
 
 
