@@ -85,13 +85,15 @@ def test_numba_linear_uses_it_only_for_marked_weights():
 @pytest.mark.parametrize("n,k", [(37, 512), (300, 2880), (5, 4096), (64, 576)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 11])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_several_rows_are_bitwise_the_one_row_kernel(n, k, m, with_bias):
-    """gemv_q8_rows (batched decode in int8 mode, four rows per weight pass) gives every row exactly
-    what gemv_q8 gives it alone, so a batched step equals single-sequence steps bit for bit."""
+@pytest.mark.parametrize("chunk", [16, 100])
+def test_several_rows_are_bitwise_the_one_row_kernel(n, k, m, with_bias, chunk):
+    """gemv_q8_rows (batched decode in int8 mode: blocks of weight rows, each read by every group
+    of four input rows) gives every row exactly what gemv_q8 gives it alone, so a batched step
+    equals single-sequence steps bit for bit (chunk 100: blocks of BLOCK_ROWS inside a chunk)."""
     rng = np.random.default_rng(n * k + m)
     w = Q.mark(quantize_int8(rng.standard_normal((n, k)).astype(np.float32)))
     x = rng.standard_normal((m, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32) if with_bias else np.zeros(0, np.float32)
-    got = Q.gemv_int8_q8_rows(w, x, bias, 16)
+    got = Q.gemv_int8_q8_rows(w, x, bias, chunk)
     want = np.stack([Q.gemv_int8_q8(w, x[r], bias, 16) for r in range(m)])
     assert got.dtype == np.float32 and np.array_equal(got, want)

@@ -76,81 +76,104 @@ def gemv_q8(q, scales, xq, xs, corr, bias, out, chunk, pick):
         rows_q8(q, scales, xq, xs, corr, bias, has_bias, c * chunk, min(n_rows, (c + 1) * chunk), out, pick)
 
 
-@numba.njit(parallel=True, **_OPTS)
-def gemv_q8_rows(q, scales, xq, xs, corr, bias, out, chunk, pick):
-    """:func:`gemv_q8` for up to four input rows at once (batched decode): xq [R,K], xs / corr
-    [R,K/32] from :func:`quantize_row` per row, out [R,N], 1 <= R <= 4. Each weight vector is loaded
-    and flipped once for all rows; every row's operations are exactly those of :func:`gemv_q8` in the
-    same order, so each output row is bitwise what the one-row kernel gives (batched == single).
-    Missing rows (R < 4) repeat the last one and are not stored."""
-    n_rows, k = q.shape
-    n_in = xq.shape[0]
+BLOCK_ROWS = 48        # weight rows (about 140 KB at K = 2880) kept in L2 while every group of 4 input rows passes
+
+
+@numba.njit(**_OPTS)
+def _rows_q8_four(q, scales, xq, xs, corr, bias, has_bias, lo, hi, r0, n_in, out, pick):
+    """out[r0 + r, n] for the input rows r0 .. r0 + n_in - 1 (1 <= n_in <= 4) and weight rows
+    [lo, hi). Each weight vector is loaded and flipped once for all rows; every row's operations
+    are exactly those of :func:`gemv_q8` in the same order, so each output row is bitwise what the
+    one-row kernel gives (batched == single). Missing rows (n_in < 4) repeat the last one and are
+    not stored."""
+    k = q.shape[1]
     nb = k // 32
     n_sb = nb // 16
-    has_bias = bias.shape[0] == n_rows
     flip = i32x16_bcast(_FLIP)
-    r1, r2, r3 = min(1, n_in - 1), min(2, n_in - 1), min(3, n_in - 1)
+    ra = r0
+    r1, r2, r3 = r0 + min(1, n_in - 1), r0 + min(2, n_in - 1), r0 + min(3, n_in - 1)
+    for n in range(lo, hi):
+        base = n * k
+        sbase = n * nb
+        a0 = f32x16_zero(); a1 = f32x16_zero(); ac = f32x16_zero()      # noqa: E702
+        b0 = f32x16_zero(); b1 = f32x16_zero(); bc = f32x16_zero()      # noqa: E702
+        e0 = f32x16_zero(); e1 = f32x16_zero(); ec = f32x16_zero()      # noqa: E702
+        f0 = f32x16_zero(); f1 = f32x16_zero(); fc = f32x16_zero()      # noqa: E702
+        for sb in range(n_sb):
+            b_0 = 16 * sb
+            s16 = load_f16x16_f32(scales, sbase + b_0)
+            ca = vmul(s16, load_f32x16(xs, ra * nb + b_0))
+            cb = vmul(s16, load_f32x16(xs, r1 * nb + b_0))
+            ce = vmul(s16, load_f32x16(xs, r2 * nb + b_0))
+            cf = vmul(s16, load_f32x16(xs, r3 * nb + b_0))
+            ac = vfma(ca, load_f32x16(corr, ra * nb + b_0), ac)
+            bc = vfma(cb, load_f32x16(corr, r1 * nb + b_0), bc)
+            ec = vfma(ce, load_f32x16(corr, r2 * nb + b_0), ec)
+            fc = vfma(cf, load_f32x16(corr, r3 * nb + b_0), fc)
+            for p in range(0, 8, 2):
+                o = 32 * (b_0 + 2 * p)
+                w0 = ixor(load_i32x16(q, base + o), flip)
+                w1 = ixor(load_i32x16(q, base + o + 64), flip)
+                k0 = load_i32x16(pick, 64 * p)
+                k1 = load_i32x16(pick, 64 * p + 64)
+                a0 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w0, load_i32x16(xq, ra * k + o))), permps(ca, k0), a0)
+                a1 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w1, load_i32x16(xq, ra * k + o + 64))),
+                          permps(ca, k1), a1)
+                b0 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w0, load_i32x16(xq, r1 * k + o))), permps(cb, k0), b0)
+                b1 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w1, load_i32x16(xq, r1 * k + o + 64))),
+                          permps(cb, k1), b1)
+                e0 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w0, load_i32x16(xq, r2 * k + o))), permps(ce, k0), e0)
+                e1 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w1, load_i32x16(xq, r2 * k + o + 64))),
+                          permps(ce, k1), e1)
+                f0 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w0, load_i32x16(xq, r3 * k + o))), permps(cf, k0), f0)
+                f1 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w1, load_i32x16(xq, r3 * k + o + 64))),
+                          permps(cf, k1), f1)
+        accs = ((a0, a1, ac), (b0, b1, bc), (e0, e1, ec), (f0, f1, fc))
+        for r in range(n_in):
+            acc0, acc1, accc = accs[r]
+            row = r0 + r
+            tail = np.float32(0)
+            t0 = 16 * n_sb
+            if t0 < nb:                       # as gemv_q8: the last nb % 16 blocks, window nb-16..nb
+                w_0 = nb - 16
+                c16 = vmul(load_f16x16_f32(scales, sbase + w_0), load_f32x16(xs, row * nb + w_0))
+                for b in range(t0, nb, 2):
+                    o = 32 * b
+                    d0 = dpbusd_x86(i32x16_zero(), ixor(load_i32x16(q, base + o), flip), load_i32x16(xq, row * k + o))
+                    acc0 = vfma(i32_to_f32(d0), permps(c16, load_i32x16(pick, 32 * (b - w_0))), acc0)
+                for b in range(t0, nb):
+                    tail += f16_to_f32(scales[n, b]) * xs[row, b] * corr[row, b]
+            y = hsum(vadd(acc0, acc1)) - hsum(accc) - tail
+            out[row, n] = y + bias[n] if has_bias else y
+
+
+@numba.njit(**_OPTS)
+def rows_q8_multi(q, scales, xq, xs, corr, bias, has_bias, lo, hi, out, pick):
+    """out[r, n] for every input row r of xq [R,K] (xs / corr [R,K/32] from :func:`quantize_row` per
+    row) and the weight rows [lo, hi): blocks of BLOCK_ROWS weight rows, each read by every group
+    of four input rows (the first group streams the block from memory, the next ones read L2).
+    Every output is bitwise what :func:`gemv_q8` gives for that row alone."""
+    n_in = xq.shape[0]
+    for s0 in range(lo, hi, BLOCK_ROWS):
+        s1 = min(hi, s0 + BLOCK_ROWS)
+        for r0 in range(0, n_in, 4):
+            _rows_q8_four(q, scales, xq, xs, corr, bias, has_bias, s0, s1, r0, min(4, n_in - r0), out, pick)
+
+
+@numba.njit(parallel=True, **_OPTS)
+def gemv_q8_rows(q, scales, xq, xs, corr, bias, out, chunk, pick):
+    """:func:`gemv_q8` for several input rows at once (batched decode, short prefill): xq [R,K],
+    xs / corr [R,K/32] from :func:`quantize_row` per row, out [R,N]; chunks of weight rows over the
+    threads, each :func:`rows_q8_multi` (the batched fused gpt-oss step calls it on its share)."""
+    n_rows = q.shape[0]
+    has_bias = bias.shape[0] == n_rows
     for c in prange((n_rows + chunk - 1) // chunk):
-        for n in range(c * chunk, min(n_rows, (c + 1) * chunk)):
-            base = n * k
-            sbase = n * nb
-            a0 = f32x16_zero(); a1 = f32x16_zero(); ac = f32x16_zero()      # noqa: E702
-            b0 = f32x16_zero(); b1 = f32x16_zero(); bc = f32x16_zero()      # noqa: E702
-            e0 = f32x16_zero(); e1 = f32x16_zero(); ec = f32x16_zero()      # noqa: E702
-            f0 = f32x16_zero(); f1 = f32x16_zero(); fc = f32x16_zero()      # noqa: E702
-            for sb in range(n_sb):
-                b_0 = 16 * sb
-                s16 = load_f16x16_f32(scales, sbase + b_0)
-                ca = vmul(s16, load_f32x16(xs, b_0))
-                cb = vmul(s16, load_f32x16(xs, r1 * nb + b_0))
-                ce = vmul(s16, load_f32x16(xs, r2 * nb + b_0))
-                cf = vmul(s16, load_f32x16(xs, r3 * nb + b_0))
-                ac = vfma(ca, load_f32x16(corr, b_0), ac)
-                bc = vfma(cb, load_f32x16(corr, r1 * nb + b_0), bc)
-                ec = vfma(ce, load_f32x16(corr, r2 * nb + b_0), ec)
-                fc = vfma(cf, load_f32x16(corr, r3 * nb + b_0), fc)
-                for p in range(0, 8, 2):
-                    o = 32 * (b_0 + 2 * p)
-                    w0 = ixor(load_i32x16(q, base + o), flip)
-                    w1 = ixor(load_i32x16(q, base + o + 64), flip)
-                    k0 = load_i32x16(pick, 64 * p)
-                    k1 = load_i32x16(pick, 64 * p + 64)
-                    a0 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w0, load_i32x16(xq, o))), permps(ca, k0), a0)
-                    a1 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w1, load_i32x16(xq, o + 64))), permps(ca, k1), a1)
-                    b0 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w0, load_i32x16(xq, r1 * k + o))),
-                              permps(cb, k0), b0)
-                    b1 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w1, load_i32x16(xq, r1 * k + o + 64))),
-                              permps(cb, k1), b1)
-                    e0 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w0, load_i32x16(xq, r2 * k + o))),
-                              permps(ce, k0), e0)
-                    e1 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w1, load_i32x16(xq, r2 * k + o + 64))),
-                              permps(ce, k1), e1)
-                    f0 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w0, load_i32x16(xq, r3 * k + o))),
-                              permps(cf, k0), f0)
-                    f1 = vfma(i32_to_f32(dpbusd_x86(i32x16_zero(), w1, load_i32x16(xq, r3 * k + o + 64))),
-                              permps(cf, k1), f1)
-            accs = ((a0, a1, ac), (b0, b1, bc), (e0, e1, ec), (f0, f1, fc))
-            for r in range(n_in):
-                acc0, acc1, accc = accs[r]
-                tail = np.float32(0)
-                t0 = 16 * n_sb
-                if t0 < nb:                       # as gemv_q8: the last nb % 16 blocks, window nb-16..nb
-                    w_0 = nb - 16
-                    c16 = vmul(load_f16x16_f32(scales, sbase + w_0), load_f32x16(xs, r * nb + w_0))
-                    for b in range(t0, nb, 2):
-                        o = 32 * b
-                        d0 = dpbusd_x86(i32x16_zero(), ixor(load_i32x16(q, base + o), flip),
-                                        load_i32x16(xq, r * k + o))
-                        acc0 = vfma(i32_to_f32(d0), permps(c16, load_i32x16(pick, 32 * (b - w_0))), acc0)
-                    for b in range(t0, nb):
-                        tail += f16_to_f32(scales[n, b]) * xs[r, b] * corr[r, b]
-                y = hsum(vadd(acc0, acc1)) - hsum(accc) - tail
-                out[r, n] = y + bias[n] if has_bias else y
+        rows_q8_multi(q, scales, xq, xs, corr, bias, has_bias, c * chunk, min(n_rows, (c + 1) * chunk), out, pick)
 
 
 def gemv_int8_q8_rows(weight, x, bias, chunk):
     """out [M,N] = the Int8Weight ``weight`` times each float32 row of x [M,K], every row exactly as
-    :func:`gemv_int8_q8` computes it alone; four rows per weight pass."""
+    :func:`gemv_int8_q8` computes it alone; one weight pass (from memory) for all rows."""
     m, k = x.shape
     nb = k // 32
     xq = np.empty((m, k), np.int8)                 # [M,K]
@@ -159,9 +182,7 @@ def gemv_int8_q8_rows(weight, x, bias, chunk):
     for r in range(m):
         quantize_row(x[r], xq[r], xs[r], corr[r])
     out = np.empty((m, weight.values.shape[0]), np.float32)   # [M,N]
-    for r0 in range(0, m, 4):
-        gemv_q8_rows(weight.values, weight.scales.view(np.uint16), xq[r0:r0 + 4], xs[r0:r0 + 4], corr[r0:r0 + 4], bias,
-                     out[r0:r0 + 4], chunk, PICK)
+    gemv_q8_rows(weight.values, weight.scales.view(np.uint16), xq, xs, corr, bias, out, chunk, PICK)
     return out
 
 
