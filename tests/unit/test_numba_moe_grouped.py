@@ -153,3 +153,21 @@ def test_int8_mode_for_many_tokens_equals_each_token_alone():
     want = reference_moe(**kw)
     assert _error(exact, want) < 1e-5
     assert 1e-5 < _error(got, want) < 3e-2           # int8 rounding shows, within int8's budget
+
+
+def test_int8_mode_prefill_takes_float_activations():
+    """More tokens than a batched decode step has (> _gemm_small.MAX_ROWS, a prefill): int8-prepared
+    experts run the exact kernels, as the int8 mode's dense rows take BLAS with float activations
+    there; the result is bit for bit the exact mode's. Up to MAX_ROWS tokens stay int8."""
+    from gptevo.backends.numba import _mxfp4_gemv as mg
+    from gptevo.backends.numba import _simd
+    from gptevo.backends.numba._gemm_small import MAX_ROWS
+    if not _simd.has_avx512():
+        pytest.skip("int8 mode needs AVX-512 (it falls back to exact elsewhere)")
+    kw = _region_case(np.random.default_rng(4), (9, 7, 5, 4, 3, 2, 2, 1, 1), n_experts=10)   # 17 tokens
+    assert kw["x"].shape[0] == MAX_ROWS + 1
+    kw8 = dict(kw, w_gate_up=mg.prepare(kw["w_gate_up"], mode="int8"), w_down=mg.prepare(kw["w_down"], mode="int8"))
+    numba_moe = backends.get("numba").moe_experts
+    np.testing.assert_array_equal(numba_moe(**kw8), numba_moe(**kw))
+    short = {n: kw8[n][:MAX_ROWS] for n in ("x", "weights", "ids")}
+    assert _error(numba_moe(**dict(kw8, **short)), numba_moe(**dict(kw, **short))) > 1e-5

@@ -135,7 +135,11 @@ def moe_experts(x, weights, ids, w_gate_up, b_gate_up, w_down, b_down, activatio
         from gptevo.backends.numba import _mxfp4_gemv as mg
         from gptevo.backends.numba._moe_grouped import moe_grouped_mxfp4
 
+        from gptevo.backends.numba._gemm_small import MAX_ROWS
+
         mode = mg.weight_mode(w_gate_up, w_down)
+        if mode == "int8" and n_t > MAX_ROWS:
+            mode = "exact"        # prefill: float activations, as the dense rows' BLAS path (spec/ops/int8.md)
         clamped = act == "clamped_swiglu"
         return moe_grouped_mxfp4(
             as_compute(x_arr, dtype, "moe_experts: x"), as_compute(w_arr, dtype, "moe_experts: weights"),
