@@ -89,7 +89,8 @@ def plan(config, weights, dtype=np.float32):
 class FusedDecode:
     """Callable ``(token, cache) -> logits [1, V] float32``, or None when the step did not run (then
     nothing was written; after a failed rendezvous the step is disabled for good and the caller runs
-    the ops). A subclass gives :meth:`_first_row` and :meth:`_launch`; the cache must be host
+    the ops); :meth:`rows` is the batched form. A subclass gives :meth:`_first_row`, :meth:`_launch`
+    and :meth:`_launch_rows`; the cache must be host
     buffers of float32 with one length for every layer and room for one more position. Calls are
     serialized by a lock: the step's scratch buffers are shared (two threads decoding two caches on
     one model take turns)."""
@@ -118,6 +119,38 @@ class FusedDecode:
     def _launch(self, x, pos: int, cache, logits, sync) -> None:
         """Run the kernel: fills logits [V] when every thread met (sync[VERDICT] == 1)."""
         raise NotImplementedError
+
+    def _rows_ok(self) -> bool:
+        """Whether this step's batched form takes its weights (a subclass may say no)."""
+        return True
+
+    def _launch_rows(self, xb, pos, caches, logits, sync) -> None:
+        """Run the batched kernel: xb [B,D] first rows, pos [B]; fills logits [B,V] when every thread
+        met (sync[VERDICT] == 1)."""
+        raise NotImplementedError
+
+    def rows(self, tokens, caches):
+        """Logits [B, V] of one step of B >= 2 sequences (token b at ``caches[b].length``, each
+        sequence its own cache) in one region, or None (nothing written): weights the batched form
+        does not take, a cache the step does not take, a cache given twice, or threads that did not
+        meet (the step then disables itself, as the one-token form)."""
+        if self.disabled or not self._rows_ok() or len({id(c) for c in caches}) != len(caches):
+            return None
+        with self._lock:
+            if not all(self._cache_ok(c) for c in caches):
+                return None
+            pos = np.array([cache.length for cache in caches], np.int64)                      # [B]
+            xb = np.ascontiguousarray(np.stack([self._first_row(int(t), int(p)) for t, p in zip(tokens, pos)]),
+                                      np.float32)                                             # [B,D]
+            logits = np.empty((len(caches), self.n_vocab), np.float32)                        # [B,V]
+            sync = np.zeros(SYNC_SIZE, np.int64)
+            self._launch_rows(xb, pos, caches, logits, sync)
+            if sync[VERDICT] != 1:
+                self.disabled = True
+                return None
+            for cache, p in zip(caches, pos.tolist()):
+                self._commit(cache, p)
+            return logits
 
     def __call__(self, token: int, cache):
         with self._lock:

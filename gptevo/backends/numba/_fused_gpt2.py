@@ -14,7 +14,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from gptevo.backends.numba._atomics import SYNC_SIZE, VERDICT, barrier, rendezvous
+from gptevo.backends.numba._atomics import barrier, rendezvous
 from gptevo.backends.numba._elementwise import _gelu_flat, _layer_norm_rows
 from gptevo.backends.numba._fused_decode import FusedDecode, f32_vector, kv_addresses, weight_kind
 from gptevo.backends.numba._fused_rows import attend_heads, rows_bf16, rows_f32, split_even_odd
@@ -308,33 +308,14 @@ class Gpt2Step(FusedDecode):
             self.scales, float(c.norm_eps), self.tanh_gelu, c.num_heads, c.num_kv_heads, c.head_dim,
             self.qkv, self.o, self.f, self.tmp, logits, sync, numba.get_num_threads())
 
-    def rows(self, tokens, caches):
-        """Logits [B, V] of one step of B >= 2 sequences (token b at ``caches[b].length``), or None
-        (nothing written) when a cache is not one the step takes or the threads did not meet."""
-        if self.disabled or len({id(c) for c in caches}) != len(caches):
-            return None
-        with self._lock:
-            if not all(self._cache_ok(c) for c in caches):
-                return None
-            c = self.config
-            pos = np.array([cache.length for cache in caches], np.int64)                      # [B]
-            xb = np.ascontiguousarray(np.stack([self._first_row(int(t), int(p)) for t, p in zip(tokens, pos)]),
-                                      np.float32)                                             # [B,D]
-            n_b, n_threads = len(caches), numba.get_num_threads()
-            logits = np.empty((n_b, self.n_vocab), np.float32)                                # [B,V]
-            sync = np.zeros(SYNC_SIZE, np.int64)
-            inner = self.f.shape[0]
-            _rows_kernel(self.is_bf16)(
-                xb, pos, self.waddr, self.ln1, self.ln2, self.lnf, self.bqkv, self.bo, self.bfc, self.bproj, True,
-                self.lm_head, np.stack([kv_addresses(cache) for cache in caches]),
-                np.array([cache.max_tokens for cache in caches], np.int64), self.scales, float(c.norm_eps),
-                self.tanh_gelu, c.num_heads, c.num_kv_heads, c.head_dim,
-                np.empty((n_b, self.qkv.shape[0]), np.float32), np.empty((n_b, self.o.shape[0]), np.float32),
-                np.empty((n_b, inner), np.float32), np.empty((n_b, max(inner, c.hidden_size)), np.float32),
-                logits, sync, n_threads)
-            if sync[VERDICT] != 1:
-                self.disabled = True
-                return None
-            for cache, p in zip(caches, pos.tolist()):
-                self._commit(cache, p)
-            return logits
+    def _launch_rows(self, xb, pos, caches, logits, sync):
+        c = self.config
+        n_b, inner = len(caches), self.f.shape[0]
+        _rows_kernel(self.is_bf16)(
+            xb, pos, self.waddr, self.ln1, self.ln2, self.lnf, self.bqkv, self.bo, self.bfc, self.bproj, True,
+            self.lm_head, np.stack([kv_addresses(cache) for cache in caches]),
+            np.array([cache.max_tokens for cache in caches], np.int64), self.scales, float(c.norm_eps),
+            self.tanh_gelu, c.num_heads, c.num_kv_heads, c.head_dim,
+            np.empty((n_b, self.qkv.shape[0]), np.float32), np.empty((n_b, self.o.shape[0]), np.float32),
+            np.empty((n_b, inner), np.float32), np.empty((n_b, max(inner, c.hidden_size)), np.float32),
+            logits, sync, numba.get_num_threads())

@@ -22,7 +22,7 @@ from numba import prange
 
 from gptevo.backends.numba import _gemv_q8
 from gptevo.backends.numba import _mxfp4_gemv as mg
-from gptevo.backends.numba._atomics import SYNC_SIZE, VERDICT, barrier, chunk_size, rendezvous, take_chunk
+from gptevo.backends.numba._atomics import barrier, chunk_size, rendezvous, take_chunk
 from gptevo.backends.numba._elementwise import _rms_norm_rows, clamped_swiglu1
 from gptevo.backends.numba._fused_decode import FusedDecode, f32_vector, kv_addresses, weight_kind
 from gptevo.backends.numba._fused_rows import attend_heads, rope_heads, rows_bf16, rows_q8, split_even_odd
@@ -403,52 +403,35 @@ class GptOssStep(FusedDecode):
             self.tmp, logits, mg.VALUES_F32, mg.POWERS_F32, mg.INT8_CONST, _gemv_q8.PICK, sync,
             np.zeros(6 * c.num_layers + 2, np.int64), self._chunks(n_threads), n_threads)
 
-    def rows(self, tokens, caches):
-        """Logits [B, V] of one step of B >= 2 sequences (token b at ``caches[b].length``) in one region
-        (``_fused_gptoss_rows``), or None (nothing written): dense and expert weights not both in
-        the same mode (bf16 + exact, or the int8 mode), a cache the step does not take, or threads
-        that did not meet."""
+    def _rows_ok(self):
+        """The batched region has two forms: bf16 dense with exact experts, and the int8 mode."""
+        return self.dense_q8 == self.moe_int8
+
+    def _launch_rows(self, xb, pos, caches, logits, sync):
         from gptevo.backends.numba import _fused_gptoss_rows, _moe_region
 
-        if (self.disabled or self.dense_q8 != self.moe_int8
-                or len({id(c) for c in caches}) != len(caches)):
-            return None
-        with self._lock:
-            if not all(self._cache_ok(c) for c in caches):
-                return None
-            c = self.config
-            pos = np.array([cache.length for cache in caches], np.int64)                      # [B]
-            xb = np.ascontiguousarray(np.stack([self._first_row(int(t), int(p)) for t, p in zip(tokens, pos)]),
-                                      np.float32)                                             # [B,D]
-            rope = [self._cos_sin(int(p)) for p in pos]
-            cos = np.ascontiguousarray(np.stack([a for a, _ in rope]))                        # [B,R/2]
-            sin = np.ascontiguousarray(np.stack([b for _, b in rope]))                        # [B,R/2]
-            n_b, k = len(caches), c.experts_per_token
-            inner = self.act.shape[0] // k
-            n_p = n_b * k if self.moe_int8 else 1                       # the down inputs, int8 mode
-            ng = (inner // 32 + 3) // 4
-            logits = np.empty((n_b, self.n_vocab), np.float32)                                # [B,V]
-            sync = np.zeros(SYNC_SIZE, np.int64)
-            _fused_gptoss_rows.kernel(self.moe_int8)(
-                xb, pos, self.waddr, self.lm_head, self.lm_head_s, _U16, _U8, self.ln1, self.ln2, self.lnf, self.bqkv,
-                self.bo, self.rbias, self.sinks, self.has_sinks, self.gu_bias, self.dn_bias, self.has_expert_bias,
-                np.stack([kv_addresses(cache) for cache in caches]),
-                np.array([[p.shape[0] for p in cache.positions] for cache in caches], np.int64), self.windows,
-                cos, sin, bool(c.rope_interleaved), float(c.norm_eps), float(c.norm_offset), self.scale,
-                c.num_heads, c.num_kv_heads, c.head_dim, k, c.router_order == "softmax_topk",
-                bool(c.norm_topk_prob), float(c.swiglu_alpha), float(c.swiglu_limit), _moe_region.MIN_ROWS_PER_ITEM,
-                np.empty((n_b, self.qkv.shape[0]), np.float32), np.empty((n_b, self.o.shape[0]), np.float32),
-                np.empty((n_b, c.hidden_size), np.float32), np.empty((n_b, c.num_experts), np.float32),
-                np.empty((n_b * k, 2 * inner), np.float32), np.empty((n_b * k, inner), np.float32),
-                np.empty((n_b * k, c.hidden_size), np.float32),
-                np.empty((n_p, 64 * ng), np.int8), np.empty((n_p, 64 * ng), np.int8),
-                np.empty((n_p, 16 * ng), np.float32), np.empty((n_p, 16 * ng), np.int32),
-                np.empty((n_p, inner // 32), np.float32),
-                logits, mg.VALUES_F32, mg.POWERS_F32, mg.INT8_CONST, _gemv_q8.PICK, sync,
-                np.zeros(2 * c.num_layers, np.int64), numba.get_num_threads())
-            if sync[VERDICT] != 1:
-                self.disabled = True
-                return None
-            for cache, p in zip(caches, pos.tolist()):
-                self._commit(cache, p)
-            return logits
+        c = self.config
+        rope = [self._cos_sin(int(p)) for p in pos]
+        cos = np.ascontiguousarray(np.stack([a for a, _ in rope]))                            # [B,R/2]
+        sin = np.ascontiguousarray(np.stack([b for _, b in rope]))                            # [B,R/2]
+        n_b, k = len(caches), c.experts_per_token
+        inner = self.act.shape[0] // k
+        n_p = n_b * k if self.moe_int8 else 1                           # the down inputs, int8 mode
+        ng = (inner // 32 + 3) // 4
+        _fused_gptoss_rows.kernel(self.moe_int8)(
+            xb, pos, self.waddr, self.lm_head, self.lm_head_s, _U16, _U8, self.ln1, self.ln2, self.lnf, self.bqkv,
+            self.bo, self.rbias, self.sinks, self.has_sinks, self.gu_bias, self.dn_bias, self.has_expert_bias,
+            np.stack([kv_addresses(cache) for cache in caches]),
+            np.array([[p.shape[0] for p in cache.positions] for cache in caches], np.int64), self.windows,
+            cos, sin, bool(c.rope_interleaved), float(c.norm_eps), float(c.norm_offset), self.scale,
+            c.num_heads, c.num_kv_heads, c.head_dim, k, c.router_order == "softmax_topk",
+            bool(c.norm_topk_prob), float(c.swiglu_alpha), float(c.swiglu_limit), _moe_region.MIN_ROWS_PER_ITEM,
+            np.empty((n_b, self.qkv.shape[0]), np.float32), np.empty((n_b, self.o.shape[0]), np.float32),
+            np.empty((n_b, c.hidden_size), np.float32), np.empty((n_b, c.num_experts), np.float32),
+            np.empty((n_b * k, 2 * inner), np.float32), np.empty((n_b * k, inner), np.float32),
+            np.empty((n_b * k, c.hidden_size), np.float32),
+            np.empty((n_p, 64 * ng), np.int8), np.empty((n_p, 64 * ng), np.int8),
+            np.empty((n_p, 16 * ng), np.float32), np.empty((n_p, 16 * ng), np.int32),
+            np.empty((n_p, inner // 32), np.float32),
+            logits, mg.VALUES_F32, mg.POWERS_F32, mg.INT8_CONST, _gemv_q8.PICK, sync,
+            np.zeros(2 * c.num_layers, np.int64), numba.get_num_threads())

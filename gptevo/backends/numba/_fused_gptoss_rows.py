@@ -5,8 +5,8 @@ in two compile-time forms: bfloat16 dense weights with exact-mode MXFP4 experts 
 load), and the int8 mode (Q8 dense weights, int8-activation experts); a mix of the two returns
 None and the model runs the ops. It computes what the op path computes for the same rows, with the
 same kernels per piece (``_fused_tiles``: the ``linear`` tiles, or ``_gemv_q8.rows_q8_multi``;
-``_moe_tiles`` / ``_moe_region._int8_rows``: the grouped expert products of ``_moe_region``, with
-its rule for streaming or tiling a group), so the logits equal the op path's up to the summation
+``_moe_region.half_items``: the grouped expert products, with the op's rule for streaming, tiling
+or int8 rows), so the logits equal the op path's up to the summation
 order of attention (``attend_heads``, as the one-token step); in int8 mode an input that differs
 in its last bit can round one int8 value differently, as in the one-token step.
 
@@ -25,18 +25,19 @@ are gone: at 8 sequences of gpt-oss-20b they were 30-50 ms of a 540 ms step.
 """
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from numba import prange
 
-from gptevo.backends.numba._atomics import barrier, rendezvous, take_chunk
+from gptevo.backends.numba._atomics import barrier, rendezvous
 from gptevo.backends.numba._elementwise import _rms_norm_rows, clamped_swiglu1
 from gptevo.backends.numba._fused_rows import attend_heads, rope_heads
 from gptevo.backends.numba._fused_tiles import add_columns, share, tile_share
 from gptevo.backends.numba._moe import _route_kernel
 from gptevo.backends.numba._gemv_q8 import quantize_row, rows_q8_multi
-from gptevo.backends.numba._moe_region import TILE_MIN_ROWS, _int8_rows, item_rows
-from gptevo.backends.numba._moe_tiles import stream_rows, tiles_rows
+from gptevo.backends.numba._moe_region import half_items, item_rows
 from gptevo.backends.numba._mxfp4_gemv import _quantize_rows
 from gptevo.backends.numba._simd import pointer_like
 
@@ -68,49 +69,6 @@ def _group_pairs(rid, n_experts, counts, experts, starts, pair_row, pair_of):
             pair_row[p] = b
             pair_of[b, j] = p
     return n_groups
-
-
-@numba.njit(**_OPTS)
-def _expert_items(blocks, sflat, n_out, n_blocks, xp, experts, starts, n_groups, rows_per_item, bias, has_bias,
-                  table, powers, buf, work, slot, out):
-    """This thread's items of one MoE half: out[p, n] = decode(W[experts[u], n]) . xp-row p (+ bias)
-    for the pairs p of group u, items (u, chunk of rows_per_item weight rows) from work[slot];
-    groups of fewer than TILE_MIN_ROWS pairs stream, larger ones tile (as ``_moe_region._half``)."""
-    k = 32 * n_blocks
-    n_chunks = (n_out + rows_per_item - 1) // rows_per_item
-    while True:
-        i, _ = take_chunk(work, slot, n_groups * n_chunks, 1)
-        if i >= n_groups * n_chunks:
-            break
-        u = i // n_chunks
-        lo = (i % n_chunks) * rows_per_item
-        hi = min(n_out, lo + rows_per_item)
-        e = experts[u]
-        p0 = starts[u]
-        g = starts[u + 1] - p0
-        if g < TILE_MIN_ROWS:
-            stream_rows(blocks, sflat, e, n_out, n_blocks, xp, p0 * k, g, table, powers, out, p0, lo, hi, bias,
-                        has_bias)
-        else:
-            tiles_rows(blocks, sflat, e, n_out, n_blocks, xp, p0 * k, g, table, powers, out, p0, lo, hi, buf, bias,
-                       has_bias)
-
-
-@numba.njit(**_OPTS)
-def _expert_items_int8(blocks, sflat, n_out, n_blocks, xqe, xqo, xsl, corr, xsb, experts, starts, n_groups,
-                       rows_per_item, bias, has_bias, const, work, slot, out):
-    """:func:`_expert_items` in int8 mode: every pair's row through the one-token int8 row dot
-    (``_moe_region._int8_rows``) on its quantized input (``_mxfp4_gemv._quantize_rows`` layout)."""
-    n_chunks = (n_out + rows_per_item - 1) // rows_per_item
-    while True:
-        i, _ = take_chunk(work, slot, n_groups * n_chunks, 1)
-        if i >= n_groups * n_chunks:
-            break
-        u = i // n_chunks
-        lo = (i % n_chunks) * rows_per_item
-        p0 = starts[u]
-        _int8_rows(blocks, sflat, experts[u], n_out, n_blocks, xqe, xqo, xsl, corr, xsb, p0, starts[u + 1] - p0, out,
-                   lo, min(n_out, lo + rows_per_item), bias, has_bias, const, True)
 
 
 @numba.njit(**_OPTS)
@@ -272,18 +230,13 @@ def _make_rows(int8: bool):
                 blocks = numba.carray(pointer_like(waddr[layer, 5], u8_like), n_experts * n_exp_rows * nb_d * 16)
                 sc = numba.carray(pointer_like(waddr[layer, 6], u8_like), n_experts * n_exp_rows * nb_d)
                 per_item = item_rows(n_exp_rows, n_groups, n_threads, min_item_rows)
+                for p in range(n_pairs):             # int8: h as is; exact: hp, the tiles' (= experts') layout
+                    xg[p] = h[pair_row[p]] if int8 else hp[pair_row[p]]
                 if int8:
-                    for p in range(n_pairs):
-                        xg[p] = h[pair_row[p]]
                     _quantize_rows(xg, nb_d, xqe, xqo, xsl, xcorr, xsb)
-                    _expert_items_int8(blocks, sc, n_exp_rows, nb_d, xqe, xqo, xsl, xcorr, xsb, experts, starts,
-                                       n_groups, per_item, gu_bias[layer], has_expert_bias, const, work, 2 * layer,
-                                       hbuf)
-                else:
-                    for p in range(n_pairs):
-                        xg[p] = hp[pair_row[p]]                  # hp: h in the tiles' (= experts') layout
-                    _expert_items(blocks, sc, n_exp_rows, nb_d, xg.reshape(-1), experts, starts, n_groups, per_item,
-                                  gu_bias[layer], has_expert_bias, table, powers, buf, work, 2 * layer, hbuf)
+                half_items(blocks, sc, sc, n_exp_rows, nb_d, experts, starts, n_groups, xg.reshape(-1), xqe, xqo, xsl,
+                           xcorr, xsb, int8, True, hbuf, gu_bias[layer], has_expert_bias, table, powers, const,
+                           per_item, buf, work, 2 * layer)
                 gen += 1
                 barrier(sync, n_threads, gen)
                 # (6) activation of this thread's pairs, in the down projection's input layout
@@ -298,13 +251,9 @@ def _make_rows(int8: bool):
                 blocks = numba.carray(pointer_like(waddr[layer, 7], u8_like), n_experts * d_model * nb_i * 16)
                 sc = numba.carray(pointer_like(waddr[layer, 8], u8_like), n_experts * d_model * nb_i)
                 per_item = item_rows(d_model, n_groups, n_threads, min_item_rows)
-                if int8:
-                    _expert_items_int8(blocks, sc, d_model, nb_i, aqe, aqo, asl, acorr, asb, experts, starts,
-                                       n_groups, per_item, dn_bias[layer], has_expert_bias, const, work,
-                                       2 * layer + 1, y)
-                else:
-                    _expert_items(blocks, sc, d_model, nb_i, ap.reshape(-1), experts, starts, n_groups, per_item,
-                                  dn_bias[layer], has_expert_bias, table, powers, buf, work, 2 * layer + 1, y)
+                half_items(blocks, sc, sc, d_model, nb_i, experts, starts, n_groups, ap.reshape(-1), aqe, aqo, asl,
+                           acorr, asb, int8, True, y, dn_bias[layer], has_expert_bias, table, powers, const, per_item,
+                           buf, work, 2 * layer + 1)
                 gen += 1
                 barrier(sync, n_threads, gen)
                 # (8) weighted sum of each row's experts, residual
@@ -322,11 +271,4 @@ def _make_rows(int8: bool):
     return numba.njit(parallel=True, **_OPTS)(step_rows)
 
 
-_KERNELS: dict = {}
-
-
-def kernel(int8: bool):
-    """The batched step kernel of this weight mode (made once per process; compiled once per machine)."""
-    if int8 not in _KERNELS:
-        _KERNELS[int8] = _make_rows(int8)
-    return _KERNELS[int8]
+kernel = functools.cache(_make_rows)      # one kernel per weight mode and process (compiled once per machine)

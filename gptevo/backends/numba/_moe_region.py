@@ -45,38 +45,51 @@ def _int8_rows(blocks, scales, e, n_out, n_blocks, xqe, xqo, xsl, corr, xsb, p0,
             out[p0 + r, n] = y + bias[e, n] if has_bias else y
 
 
+@kjit
+def half_items(blocks, scales, sflat, n_out, n_blocks, experts, starts, n_groups, xp, xqe, xqo, xsl, corr, xsb, int8,
+               vnni, out, bias, has_bias, table, powers, const, rows_per_item, buf, work, slot):
+    """One thread's share of a half: items (group u < n_groups, chunk of ``rows_per_item`` weight rows)
+    taken from the counter ``work[slot]`` until none is left. Per item, out[p, n] = decode(W[experts[u],
+    n]) . x[p] (+ bias) for the pairs p of group u: int8 rows, or (exact) groups of fewer than
+    TILE_MIN_ROWS pairs streamed and larger ones tiled through ``buf`` [4K]. ``sflat`` is ``scales``
+    flattened (both may be 1-D views of the stored arrays)."""
+    k = 32 * n_blocks
+    n_chunks = (n_out + rows_per_item - 1) // rows_per_item
+    n_items = n_groups * n_chunks
+    while True:
+        i = atomic_add(work, slot, 1)
+        if i >= n_items:
+            break
+        u = i // n_chunks
+        lo = (i % n_chunks) * rows_per_item
+        hi = min(n_out, lo + rows_per_item)
+        e = experts[u]
+        p0 = starts[u]
+        g = starts[u + 1] - p0
+        if int8:
+            _int8_rows(blocks, scales, e, n_out, n_blocks, xqe, xqo, xsl, corr, xsb, p0, g, out, lo, hi, bias,
+                       has_bias, const, vnni)
+        elif g < TILE_MIN_ROWS:
+            stream_rows(blocks, sflat, e, n_out, n_blocks, xp, p0 * k, g, table, powers, out, p0, lo, hi, bias,
+                        has_bias)
+        else:
+            tiles_rows(blocks, sflat, e, n_out, n_blocks, xp, p0 * k, g, table, powers, out, p0, lo, hi, buf, bias,
+                       has_bias)
+
+
 @kpjit
 def _half(blocks, scales, experts, starts, xp, xqe, xqo, xsl, corr, xsb, int8, vnni, out, bias, has_bias, table,
           powers, const, chunk, work, n_threads):
     """out[p, n] = decode(W[experts[u], n]) . x[p] (+ bias) for every pair p of group u (sorted order);
     xp [P,K] the rows permuted by ``_moe_tiles.permute_rows`` (exact) or xqe/xqo/xsl/corr/xsb the
-    int8 layout of ``_mxfp4_gemv._quantize_rows`` (int8); work int64 [1] zeroed: the item counter."""
+    int8 layout of ``_mxfp4_gemv._quantize_rows`` (int8); work int64 [1] zeroed: the item counter.
+    Each thread runs :func:`half_items` (the batched fused gpt-oss step calls it too)."""
     n_out, n_blocks = scales.shape[1], scales.shape[2]
     sflat = scales.reshape(-1)
-    k = 32 * n_blocks
-    n_chunks = (n_out + chunk - 1) // chunk
-    n_items = experts.shape[0] * n_chunks
     for _ in prange(n_threads):
-        buf = np.empty(4 * k, np.float32)                                 # [4*K] decoded weight rows
-        while True:
-            i = atomic_add(work, 0, 1)
-            if i >= n_items:
-                break
-            u = i // n_chunks
-            lo = (i % n_chunks) * chunk
-            hi = min(n_out, lo + chunk)
-            e = experts[u]
-            p0 = starts[u]
-            g = starts[u + 1] - p0
-            if int8:
-                _int8_rows(blocks, scales, e, n_out, n_blocks, xqe, xqo, xsl, corr, xsb, p0, g, out, lo, hi, bias,
-                           has_bias, const, vnni)
-            elif g < TILE_MIN_ROWS:
-                stream_rows(blocks, sflat, e, n_out, n_blocks, xp, p0 * k, g, table, powers, out, p0, lo, hi,
-                            bias, has_bias)
-            else:
-                tiles_rows(blocks, sflat, e, n_out, n_blocks, xp, p0 * k, g, table, powers, out, p0, lo, hi, buf,
-                           bias, has_bias)
+        buf = np.empty(4 * 32 * n_blocks, np.float32)                    # [4*K] decoded weight rows
+        half_items(blocks, scales, sflat, n_out, n_blocks, experts, starts, experts.shape[0], xp, xqe, xqo, xsl, corr,
+                   xsb, int8, vnni, out, bias, has_bias, table, powers, const, chunk, buf, work, 0)
 
 
 @kjit
