@@ -404,25 +404,35 @@ def test_a_copied_cache_gets_its_own_addresses(ops_only):
         assert n == b.length and all(_rel(x[:n], y[:n]) <= 1e-5 for x, y in zip(a.keys, b.keys))
 
 
+def _record_region(monkeypatch, ops_for=lambda step: False):
+    """Wrap ``GptOssStep.rows``: returns the list that records, per batched step, whether the region ran;
+    steps for which ``ops_for(step)`` is true get None (their model runs the batched ops) unrecorded."""
+    from gptevo.backends.numba import _fused_gptoss
+
+    ran = []
+    original = _fused_gptoss.GptOssStep.rows
+
+    def rows(self, tokens, caches):
+        if ops_for(self):
+            return None
+        out = original(self, tokens, caches)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_fused_gptoss.GptOssStep, "rows", rows)
+    return ran
+
+
 @pytest.mark.parametrize("config", [tiny_models.GPTOSS, MID_OSS], ids=["tiny", "mid"])
 def test_gptoss_batched_fused_step_equals_each_sequence_alone(tmp_path, config, monkeypatch):
     """forward_batch of gpt-oss sequences of different lengths takes the batched region (5 rows x 2
     slots over 4 experts: groups that stream and groups of 4+ that tile), past the window of 3 so
     the ring slots wrap; each row equals that sequence alone through the ops, caches included."""
-    from gptevo.backends.numba import _fused_gptoss
 
     make = _oss_checkpoint(tmp_path, config, seed=5)
     model, twin = make(), make()
     twin._fused_step = False
-    calls = []
-    original = _fused_gptoss.GptOssStep.rows
-
-    def rows(self, tokens, caches_):
-        out = original(self, tokens, caches_)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_fused_gptoss.GptOssStep, "rows", rows)
+    calls = _record_region(monkeypatch)
     prompts = [[3, 4, 5], [40, 41, 42, 43, 44, 45], [7], [9, 10], [1, 2, 3, 4]]
     caches, alone = [], []
     for p in prompts:
@@ -449,21 +459,10 @@ def test_gptoss_int8_batched_fused_step_follows_the_batched_int8_ops(tmp_path, m
     expert rows are the ops' own kernels (bitwise), attention sums in another order, so as in the
     one-token int8 test most steps agree to float rounding and every step stays far closer to the
     int8 ops than int8 is to exact."""
-    from gptevo.backends.numba import _fused_gptoss
 
     make = _oss_checkpoint(tmp_path, MID_OSS, seed=6)
     model, twin, exact = make("int8"), make("int8"), make("stored")
-    used = []
-    original = _fused_gptoss.GptOssStep.rows
-
-    def rows(self, tokens, caches_):
-        if self is twin._fused_step or self is exact._fused_step:
-            return None                                    # the twins run the batched ops
-        out = original(self, tokens, caches_)
-        used.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_fused_gptoss.GptOssStep, "rows", rows)
+    used = _record_region(monkeypatch, ops_for=lambda step: step in (twin._fused_step, exact._fused_step))
     prompts = [[3, 4, 5], [40, 41, 42, 43, 44, 45], [7], [9, 10], [1, 2, 3, 4]]
     runs = []
     for m in (model, twin, exact):

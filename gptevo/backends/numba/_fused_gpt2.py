@@ -165,9 +165,7 @@ def _make_rows(is_bf16: bool):
         n_q = n_heads * head_dim
         n_kvd = n_kv * head_dim
         n_inner = f.shape[1]
-        max_pos = 0
-        for b in range(n_b):
-            max_pos = max(max_pos, pos[b])
+        max_pos = pos.max()
         for t in prange(n_threads):
             if not rendezvous(sync, n_threads):
                 continue

@@ -139,9 +139,7 @@ def _make_rows(int8: bool):
         nb_d = d_model // 32
         nb_i = n_inner // 32
         ng_d = (nb_d + 3) // 4
-        max_pos = 0
-        for b in range(n_b):
-            max_pos = max(max_pos, pos[b])
+        max_pos = pos.max()
         for t in prange(n_threads):
             if not rendezvous(sync, n_threads):
                 continue

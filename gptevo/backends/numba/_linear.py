@@ -111,10 +111,11 @@ def linear(x, weight, bias=None):
     streaming kernel; 2-16 float32 rows (batched decode) with float32/bf16/f16 weights go through
     the register tiles of :mod:`_gemm_tiles` (AVX-512, K % 32 == 0) or
     :func:`_gemm_small.small_rows` (each weight row read once for all rows; BLAS is slow at that
-    shape); the int8 mode's marked weights take four rows per pass of the VNNI kernel
-    (:func:`_gemv_q8.gemv_int8_q8_rows`, each row bitwise as alone), other int8 weights one streamed
-    pass per row. More rows go to BLAS split over the threads (:mod:`_blas`; 16-bit and int8
-    weights widened tile by tile); everything else takes :func:`grouped_gemm`.
+    shape); the int8 mode's marked weights take the VNNI kernel on blocks of weight rows kept in L2
+    for every group of four input rows (:func:`_gemv_q8.gemv_int8_q8_rows`, each row bitwise as
+    alone), other int8 weights one streamed pass per row. More rows go to BLAS split over the
+    threads (:mod:`_blas`; 16-bit and int8 weights widened tile by tile); everything else takes
+    :func:`grouped_gemm`.
     """
     dtype = compute_dtype(x)
     fast = _linear_fast(x, weight, bias, dtype)
@@ -156,8 +157,8 @@ def _linear_fast(x, weight, bias, dtype):
             return y.reshape(*lead, n_out)
         if (isinstance(weight, _gemv_q8.Q8Int8Weight) and dtype == np.float32 and weight.values.ndim == 2
                 and weight.values.flags.c_contiguous and _gemv_q8.supported(shape[1])):
-            chunk = _gemv.rows_per_chunk(n_out, numba.get_num_threads())           # four rows per weight pass,
-            b = np.zeros(0, np.float32) if bias is None else bias                  # each as the one-row kernel
+            chunk = _gemv.rows_per_chunk(n_out, numba.get_num_threads())           # one weight pass for all
+            b = np.zeros(0, np.float32) if bias is None else bias                  # rows, each as the one-row kernel
             return _gemv_q8.gemv_int8_q8_rows(weight, x2, b, chunk).reshape(*lead, n_out)
         if isinstance(weight, Int8Weight) and dtype == np.float32:                 # one streamed pass per row
             rows = [_gemv.gemv(r, weight, bias, numba.get_num_threads()) for r in x2]
